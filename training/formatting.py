@@ -164,7 +164,7 @@ class Formatter:
         return [self.encode(item) for item in items]
 
     def encode_text(self, text: str) -> Encoded:
-        ids = list(self.tokenizer(text, add_special_tokens=self.recipe.add_special_tokens)["input_ids"])
+        ids = list(self.tokenizer(text, add_special_tokens=self.recipe.add_special_tokens, verbose=False)["input_ids"])
         if self.recipe.append_eos and (not ids or ids[-1] != self.recipe.eos_token_id):
             ids.append(self.recipe.eos_token_id)
         return self._fit(ids)
