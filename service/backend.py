@@ -1,0 +1,164 @@
+"""The model side of the service: load a checkpoint, warm it up, score batches of token ids, describe itself.
+
+Loading and the forward pass are ``training.checkpoint``'s (safetensors only, never remote code, right padding);
+this module adds what serving needs: a cheap model version, warm-up, out-of-memory as :class:`BatchTooLarge`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+from service.batching import BatchTooLarge
+from training.formatting import Encoded
+
+logger = logging.getLogger("reward.backend")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is being served, for /info, the model info metric and every response."""
+
+    name: str
+    version: str
+    source: str
+    dtype: str
+    device: str
+    has_manifest: bool
+    reward_label: str | None
+    formatting: dict[str, Any]
+    normalization: dict[str, Any] | None
+    base_model: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ItemEncoder(Protocol):
+    def encode(self, item: Mapping[str, Any]) -> Encoded: ...
+
+
+class ScoringBackend(Protocol):
+    """What the service needs from a model. :class:`CheckpointBackend` is the real one; tests may pass others."""
+
+    info: ModelInfo
+    formatter: ItemEncoder
+
+    def forward(self, batch: list[list[int]]) -> list[float]: ...
+
+    def warm_up(self) -> None: ...
+
+
+class CheckpointBackend:
+    """A reward checkpoint loaded for scoring."""
+
+    def __init__(self, checkpoint: Any, info: ModelInfo):
+        self.checkpoint = checkpoint
+        self.formatter = checkpoint.formatter
+        self.info = info
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        dtype: str = "float32",
+        device: str = "auto",
+        reward_label: str | None = None,
+        max_length: int | None = None,
+        truncation_side: str | None = None,
+    ) -> "CheckpointBackend":
+        from training.checkpoint import load_checkpoint, resolve_device
+
+        checkpoint = load_checkpoint(
+            path,
+            dtype=dtype,
+            device=resolve_device(device),
+            reward_label=reward_label,
+            max_length=max_length,
+            truncation_side=truncation_side,
+        )
+        if checkpoint.manifest is not None and (max_length is not None or truncation_side is not None):
+            logger.warning("--max-length/--truncation-side are ignored: %s has a manifest, served as trained", path)
+        model = checkpoint.model
+        recipe = checkpoint.formatter.recipe.to_dict()
+        id2label = getattr(model.config, "id2label", {}) or {}
+        label_name = id2label.get(checkpoint.label_index, id2label.get(str(checkpoint.label_index)))
+        info = ModelInfo(
+            name=checkpoint.name,
+            version=model_version(Path(path), checkpoint.manifest),
+            source=str(Path(path).resolve()),
+            dtype=str(model.dtype).removeprefix("torch."),
+            device=str(model.device),
+            has_manifest=checkpoint.manifest is not None,
+            reward_label=f"{checkpoint.label_index}:{label_name}" if label_name is not None else str(checkpoint.label_index),
+            formatting={k: v for k, v in recipe.items() if k != "chat_template"},
+            normalization=checkpoint.normalization,
+            base_model=(checkpoint.manifest or {}).get("base_model"),
+        )
+        return cls(checkpoint, info)
+
+    def forward(self, batch: list[list[int]]) -> list[float]:
+        from training.checkpoint import forward_scores
+
+        try:
+            return forward_scores(self.checkpoint, batch)
+        except RuntimeError as exc:
+            if _is_out_of_memory(exc):
+                _release_cached_memory()
+                raise BatchTooLarge(str(exc)) from exc
+            raise
+
+    def warm_up(self) -> None:
+        """One forward of one and of two items, so the first request does not pay for lazy initialisation."""
+        ids = self.formatter.encode({"text": "Warm-up: is this a helpful answer?"}).input_ids
+        self.forward([ids])
+        self.forward([ids, ids[: max(1, len(ids) // 2)]])
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return exc.__class__.__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def _release_cached_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # best effort
+        pass
+
+
+def model_version(path: Path, manifest: Mapping[str, Any] | None) -> str:
+    """A short id that changes when the weights or the recipe change; reads at most ~130 KiB per weights file.
+
+    Hashes the manifest (training fingerprint, recipe, normalization), config.json, and for every safetensors file
+    its name, size, header (tensor names, shapes, offsets) and the first and last 64 KiB of tensor data.
+    """
+    digest = hashlib.sha256()
+    if manifest is not None:
+        digest.update(json.dumps(manifest, sort_keys=True, default=str).encode())
+    config = path / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    sample = 64 * 1024
+    for weights in sorted(path.glob("*.safetensors")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with weights.open("rb") as f:
+            raw = f.read(8)
+            header_len = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+            header_len = min(header_len, 16 * 1024 * 1024)
+            digest.update(f.read(header_len))
+            digest.update(f.read(sample))
+            if size > 8 + header_len + 2 * sample:
+                f.seek(-sample, 2)
+                digest.update(f.read(sample))
+    return digest.hexdigest()[:12]

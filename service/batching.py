@@ -1,0 +1,399 @@
+"""Cross-request batching: token ids in, one forward pass over many requests' items, scores back.
+
+The contract is small, as in text-embeddings-inference's ``queue.rs``: a request hands :meth:`Batcher.submit` its
+items' token ids and gets an asyncio future; one inference worker thread takes items from the queue in batches and
+calls ``forward(list of token-id lists) -> list of floats``; each request's future receives its scores in order.
+The batcher knows nothing of HTTP or of the model.
+
+How a batch is formed:
+
+- it always contains the oldest waiting item, so no item waits behind a stream of others (shortest-first batching
+  starved long texts);
+- around it, items of similar length are added (the waiting items sorted by length, the neighbour that adds the
+  least padding first) while ``padded tokens = longest x count`` stays within ``max_batch_tokens`` and the count
+  within ``max_batch_size``;
+- when the queue is short, the worker waits up to ``max_wait`` (counted from the oldest item's arrival) for more;
+  while a batch runs, the next one fills;
+- items of a request that is gone (its future cancelled: timeout, client disconnect) are skipped, never computed.
+
+A forward that raises fails the requests of that batch only (their futures get :class:`ForwardFailed`); a forward
+that raises :class:`BatchTooLarge` (out of memory) is retried in halves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+logger = logging.getLogger("reward.batching")
+
+Forward = Callable[[list[list[int]]], list[float]]
+
+
+# -- errors ------------------------------------------------------------------------------------------------------
+class BatchingError(Exception):
+    """Base of the errors a submitted request can meet in the batcher."""
+
+
+class QueueFull(BatchingError):
+    """Admitting the request would push the waiting tokens past ``max_queue_tokens``; try again later."""
+
+    def __init__(self, queued_tokens: int, limit: int, retry_after_s: int):
+        super().__init__(f"the queue is full ({queued_tokens} of {limit} tokens waiting); retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLarge(BatchingError):
+    """The request alone holds more tokens than the queue may ever hold."""
+
+    def __init__(self, tokens: int, limit: int):
+        super().__init__(f"the request holds {tokens} tokens, more than the queue limit of {limit}; split it")
+
+
+class BatcherClosed(BatchingError):
+    """The batcher is stopping and takes no new work."""
+
+
+class ForwardFailed(BatchingError):
+    """The forward pass over the batch holding this request's items raised."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(f"the forward pass failed: {cause.__class__.__name__}: {cause}")
+        self.cause = cause
+
+
+class BatchTooLarge(Exception):
+    """Raised by ``forward`` when a batch does not fit (e.g. CUDA out of memory): the batcher retries it in halves."""
+
+
+# -- configuration and observation -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_tokens: int = 8192
+    max_batch_size: int = 32
+    max_wait_s: float = 0.005
+    max_queue_tokens: int = 262_144
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one forward pass did, for metrics."""
+
+    items: int
+    padded_tokens: int
+    real_tokens: int
+    queue_waits_s: list[float]
+    forward_s: float
+    ok: bool
+
+
+class BatchObserver(Protocol):
+    def batch_done(self, report: BatchReport) -> None: ...
+
+
+# -- internals ---------------------------------------------------------------------------------------------------
+class _Job:
+    """One submitted request: the worker fills its scores, the future gets them once all are in."""
+
+    __slots__ = ("future", "loop", "scores", "remaining", "closed", "queued_tokens", "queued_items")
+
+    def __init__(self, future: asyncio.Future, loop: asyncio.AbstractEventLoop, count: int, tokens: int):
+        self.future = future
+        self.loop = loop
+        self.scores: list[float] = [math.nan] * count
+        self.remaining = count
+        self.closed = False  # set under the batcher lock: finished, failed or abandoned
+        self.queued_tokens = tokens  # tokens of this job still waiting in the queue (under the lock)
+        self.queued_items = count
+
+
+@dataclass(eq=False)
+class _Entry:
+    job: _Job
+    index: int
+    ids: list[int]
+    enqueued_at: float
+    seq: int
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+def _settle(future: asyncio.Future, result: list[float] | None, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class Batcher:
+    """The queue and its one inference worker thread."""
+
+    def __init__(
+        self,
+        forward: Forward,
+        limits: BatchLimits = BatchLimits(),
+        *,
+        observer: BatchObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "reward-inference",
+    ):
+        self._forward = forward
+        self.limits = limits
+        self._observer = observer
+        self._clock = clock
+        self._name = name
+        self._cond = threading.Condition()
+        self._waiting: deque[_Entry] = deque()
+        self._queued_tokens = 0
+        self._queued_items = 0
+        self._seq = itertools.count()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._tokens_per_s = 0.0  # moving average of real tokens processed per second, for Retry-After
+        self._busy = False
+
+    # -- the request side (event loop) ---------------------------------------------------------------------
+    def submit(self, sequences: Sequence[Sequence[int]]) -> asyncio.Future:
+        """Queue one request's token-id lists; the future resolves to their scores, in order.
+
+        Call it from the event loop. Raises :class:`QueueFull`, :class:`RequestTooLarge` or :class:`BatcherClosed`
+        at once instead of queueing. Cancelling the future drops the request's items that are still waiting.
+        """
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        ids = [list(s) for s in sequences]
+        if any(len(s) == 0 for s in ids):
+            raise ValueError("every sequence needs at least one token")
+        tokens = sum(len(s) for s in ids)
+        limit = self.limits.max_queue_tokens
+        if tokens > limit:
+            raise RequestTooLarge(tokens, limit)
+        job = _Job(future, loop, len(ids), tokens)
+        if not ids:
+            future.set_result([])
+            return future
+        with self._cond:
+            if self._stopping:
+                raise BatcherClosed("the service is shutting down")
+            if self._queued_tokens + tokens > limit:
+                raise QueueFull(self._queued_tokens, limit, self._retry_after_locked(tokens))
+            now = self._clock()
+            for index, s in enumerate(ids):
+                self._waiting.append(_Entry(job, index, s, now, next(self._seq)))
+            self._queued_tokens += tokens
+            self._queued_items += len(ids)
+            self._cond.notify()
+        future.add_done_callback(lambda _f, job=job: self._abandon(job))
+        return future
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting (not counting the batch being computed)."""
+        return self._queued_items
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    @property
+    def busy(self) -> bool:
+        """Whether a forward pass is running now."""
+        return self._busy
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def start(self) -> "Batcher":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Take no new work, finish what is queued, and end the worker. True if it ended within ``timeout``."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # -- the worker side -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._execute(batch)
+            except Exception as exc:  # a bug here must not kill the worker: fail the batch, go on
+                logger.exception("unexpected error while executing a batch")
+                self._fail([e.job for e in batch], ForwardFailed(exc))
+
+    def _next_batch(self) -> list[_Entry] | None:
+        with self._cond:
+            while True:
+                self._drop_abandoned_head()
+                if not self._waiting:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                if not self._stopping and not self._enough_waiting():
+                    remaining = self._waiting[0].enqueued_at + self.limits.max_wait_s - self._clock()
+                    if remaining > 0:
+                        self._cond.wait(remaining)
+                        continue
+                batch = self._take_batch()
+                if batch:
+                    self._busy = True
+                    return batch
+
+    def _enough_waiting(self) -> bool:
+        return (
+            self._queued_items >= self.limits.max_batch_size or self._queued_tokens >= self.limits.max_batch_tokens
+        )
+
+    def _drop_abandoned_head(self) -> None:
+        while self._waiting and self._waiting[0].job.closed:
+            self._waiting.popleft()
+
+    def _take_batch(self) -> list[_Entry]:
+        """The oldest live item plus its nearest neighbours by length, within the limits. Holds the lock."""
+        live = [e for e in self._waiting if not e.job.closed]
+        if not live:
+            self._waiting.clear()
+            return []
+        oldest = live[0]
+        by_length = sorted(live, key=lambda e: (e.length, e.seq))
+        pos = next(i for i, e in enumerate(by_length) if e is oldest)
+        lo = hi = pos
+        width = oldest.length
+        count = 1
+        max_tokens, max_size = self.limits.max_batch_tokens, self.limits.max_batch_size
+        while count < max_size:
+            left = by_length[lo - 1] if lo > 0 else None
+            right = by_length[hi + 1] if hi + 1 < len(by_length) else None
+            # Padding each candidate adds: a shorter item is padded to the width; a longer one widens everyone.
+            left_cost = width - left.length if left is not None and width * (count + 1) <= max_tokens else None
+            right_cost = (
+                (right.length - width) * count
+                if right is not None and right.length * (count + 1) <= max_tokens
+                else None
+            )
+            if left_cost is None and right_cost is None:
+                break
+            if right_cost is None or (left_cost is not None and left_cost <= right_cost):
+                lo -= 1
+            else:
+                hi += 1
+                width = right.length
+            count += 1
+        batch = by_length[lo : hi + 1]
+        chosen = set(map(id, batch))
+        self._waiting = deque(e for e in self._waiting if id(e) not in chosen and not e.job.closed)
+        for e in batch:
+            e.job.queued_tokens -= e.length
+            e.job.queued_items -= 1
+            self._queued_tokens -= e.length
+            self._queued_items -= 1
+        return batch
+
+    def _abandon(self, job: _Job) -> None:
+        """The request's future is done (answered, failed, timed out or cancelled): forget its waiting items."""
+        with self._cond:
+            if job.closed:
+                return
+            job.closed = True
+            self._queued_tokens -= job.queued_tokens
+            self._queued_items -= job.queued_items
+            job.queued_tokens = job.queued_items = 0
+
+    def _execute(self, batch: list[_Entry]) -> None:
+        live = [e for e in batch if not e.job.closed]  # a request may have gone while the batch formed
+        if not live:
+            self._busy = False
+            return
+        started = self._clock()
+        waits = [started - e.enqueued_at for e in live]
+        real = sum(e.length for e in live)
+        padded = max(e.length for e in live) * len(live)
+        ok = True
+        try:
+            scores = self._forward_in_halves([e.ids for e in live])
+        except Exception as exc:
+            ok = False
+            logger.error("forward pass over %d items failed: %s: %s", len(live), exc.__class__.__name__, exc)
+            self._fail([e.job for e in live], ForwardFailed(exc))
+        else:
+            for entry, score in zip(live, scores):
+                self._deliver(entry, score)
+        finally:
+            self._busy = False
+        elapsed = self._clock() - started
+        if ok and elapsed > 0:
+            rate = real / elapsed
+            self._tokens_per_s = rate if self._tokens_per_s == 0 else 0.8 * self._tokens_per_s + 0.2 * rate
+        if self._observer is not None:
+            try:
+                self._observer.batch_done(BatchReport(len(live), padded, real, waits, elapsed, ok))
+            except Exception:  # metrics must never break scoring
+                logger.exception("batch observer failed")
+
+    def _forward_in_halves(self, batch: list[list[int]]) -> list[float]:
+        try:
+            scores = list(self._forward(batch))
+        except BatchTooLarge:
+            if len(batch) == 1:
+                raise
+            half = len(batch) // 2
+            logger.warning("batch of %d items too large for the device; retrying in halves", len(batch))
+            return self._forward_in_halves(batch[:half]) + self._forward_in_halves(batch[half:])
+        if len(scores) != len(batch):
+            raise RuntimeError(f"forward returned {len(scores)} scores for {len(batch)} items")
+        return scores
+
+    def _deliver(self, entry: _Entry, score: float) -> None:
+        job = entry.job
+        job.scores[entry.index] = float(score)
+        job.remaining -= 1
+        if job.remaining == 0:
+            self._post(job, job.scores, None)
+
+    def _fail(self, jobs: list[_Job], error: BaseException) -> None:
+        for job in {id(j): j for j in jobs}.values():
+            with self._cond:
+                if not job.closed:
+                    job.closed = True
+                    self._queued_tokens -= job.queued_tokens
+                    self._queued_items -= job.queued_items
+                    job.queued_tokens = job.queued_items = 0
+            self._post(job, None, error)
+
+    @staticmethod
+    def _post(job: _Job, result: list[float] | None, error: BaseException | None) -> None:
+        try:
+            job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
+
+    def _retry_after_locked(self, extra_tokens: int) -> int:
+        """Seconds until the queue has likely drained enough to admit ``extra_tokens`` more (1 to 60)."""
+        excess = self._queued_tokens + extra_tokens - self.limits.max_queue_tokens
+        if self._tokens_per_s <= 0 or excess <= 0:
+            return 1
+        return int(min(60, max(1, math.ceil(excess / self._tokens_per_s))))

@@ -1,0 +1,73 @@
+"""Prometheus metrics, on a registry private to one app (several apps in one process do not collide)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from service.batching import BatchReport
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+class ServiceMetrics:
+    """The service's metrics; also the batcher's observer (one report per forward pass)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("reward_requests", "HTTP requests by route and status code", ["route", "code"], registry=r)
+        self.request_duration = Histogram(
+            "reward_request_duration_seconds", "HTTP request latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "reward_queue_wait_seconds", "time an item waited in the queue before its forward pass",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.forward_duration = Histogram(
+            "reward_forward_seconds", "duration of one forward pass", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram("reward_batch_size", "items per forward pass", buckets=_SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(
+            "reward_batch_tokens", "padded tokens per forward pass (longest x items)", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.batch_real_tokens = Histogram(
+            "reward_batch_real_tokens", "real (unpadded) tokens per forward pass; padding efficiency = "
+            "reward_batch_real_tokens_sum / reward_batch_tokens_sum", buckets=_TOKEN_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("reward_queue_depth", "items waiting for a forward pass", registry=r)
+        self.queue_tokens = Gauge("reward_queue_tokens", "tokens waiting for a forward pass", registry=r)
+        self.scored_items = Counter("reward_scored_items", "items scored", registry=r)
+        self.forward_failures = Counter("reward_forward_failures", "forward passes that raised", registry=r)
+        self.rejected = Counter(
+            "reward_rejected_requests", "scoring requests refused or abandoned, by reason", ["reason"], registry=r
+        )
+        self.in_flight = Gauge("reward_requests_in_flight", "scoring requests accepted and not yet answered", registry=r)
+        self.ready = Gauge("reward_ready", "1 when the model is loaded and warmed up and not draining", registry=r)
+        self.model = Info("reward_model", "the model being served", registry=r)
+
+    def watch_queue(self, depth: Callable[[], float], tokens: Callable[[], float]) -> None:
+        self.queue_depth.set_function(depth)
+        self.queue_tokens.set_function(tokens)
+
+    def describe_model(self, *, model: str, version: str, dtype: str, device: str) -> None:
+        self.model.info({"model": model, "version": version, "dtype": dtype, "device": device})
+
+    # -- BatchObserver -------------------------------------------------------------------------------------
+    def batch_done(self, report: BatchReport) -> None:
+        self.forward_duration.observe(report.forward_s)
+        self.batch_size.observe(report.items)
+        self.batch_tokens.observe(report.padded_tokens)
+        self.batch_real_tokens.observe(report.real_tokens)
+        for wait in report.queue_waits_s:
+            self.queue_wait.observe(wait)
+        if report.ok:
+            self.scored_items.inc(report.items)
+        else:
+            self.forward_failures.inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,92 @@
+"""Everything ``reward-serve`` can be told, as one settings object.
+
+Every field is a command-line flag (``--max-batch-tokens 8192``) and an environment variable
+(``REWARD_MAX_BATCH_TOKENS=8192``); flags win over the environment, the environment over the defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ServeSettings(BaseSettings):
+    """How to serve one reward model: where it is, how to run it, how to batch, and what to refuse."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REWARD_",
+        cli_prog_name="reward-serve",
+        cli_kebab_case=True,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+        cli_implicit_flags=False,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # -- the model ------------------------------------------------------------------------------------------
+    model: str = Field(description="checkpoint folder: a reward-train output or any HF sequence-classification folder")
+    dtype: Dtype = Field("float32", description="weights and compute dtype")
+    device: Device = Field("auto", description="auto picks cuda when available, else cpu")
+    reward_label: str | None = Field(
+        None, description="which logit is the reward, by label name or index (for multi-class classifiers)"
+    )
+    max_length: int | None = Field(
+        None, ge=2, description="truncation length; only for checkpoints without reward_manifest.json"
+    )
+    truncation_side: Literal["left", "right"] | None = Field(
+        None, description="which end to cut; only for checkpoints without reward_manifest.json"
+    )
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+
+    # -- the network ----------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address to bind (a container sets 0.0.0.0 explicitly)")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0 picks a free one)")
+    api_key: SecretStr | None = Field(
+        None, description="when set, scoring routes require 'Authorization: Bearer KEY'; probes and metrics stay open"
+    )
+    log_level: LogLevel = Field("info", description="log level")
+
+    # -- batching -------------------------------------------------------------------------------------------
+    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward pass (longest item x items)")
+    max_batch_size: int = Field(32, ge=1, description="items per forward pass")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a short queue waits for more items before a forward")
+
+    # -- limits ---------------------------------------------------------------------------------------------
+    max_queue_tokens: int = Field(
+        262_144, ge=1, description="tokens allowed to wait; a request that would exceed it gets 429 + Retry-After"
+    )
+    max_items_per_request: int = Field(1024, ge=1, description="items (or pairs, or queries) per request; 422 beyond")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body size; 413 beyond")
+    max_text_chars: int = Field(200_000, ge=1, description="characters per text field; 422 beyond")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="a request not answered in time gets 504 and its queued items are dropped"
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long accepted requests may take to finish before the process exits"
+    )
+
+    @field_validator("reward_label", mode="before")
+    @classmethod
+    def _label_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+    @model_validator(mode="after")
+    def _queue_holds_a_batch(self) -> "ServeSettings":
+        if self.max_queue_tokens < self.max_batch_tokens:
+            raise ValueError(
+                f"max_queue_tokens ({self.max_queue_tokens}) must be at least max_batch_tokens ({self.max_batch_tokens})"
+            )
+        return self
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings without secrets, for logs and /info."""
+        data = self.model_dump(exclude={"api_key"})
+        data["api_key"] = "set" if self.api_key is not None else None
+        return data

@@ -1,0 +1,242 @@
+"""The batching engine on its own: a fake forward, no model, no HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from service.batching import (
+    BatchLimits,
+    BatchReport,
+    Batcher,
+    BatchTooLarge,
+    BatcherClosed,
+    ForwardFailed,
+    QueueFull,
+    RequestTooLarge,
+)
+
+
+class RecordingForward:
+    """Scores a sequence as ``len(ids) + ids[0] / 1000``; records every batch; can be held and made to fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[list[int]]] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.entered = threading.Event()
+        self.fail_on_token: int | None = None
+        self.too_large_above: int | None = None
+
+    def __call__(self, batch: list[list[int]]) -> list[float]:
+        self.entered.set()
+        assert self.release.wait(10), "test forgot to release the forward"
+        if self.too_large_above is not None and len(batch) > self.too_large_above:
+            raise BatchTooLarge(f"{len(batch)} items")
+        self.batches.append([list(ids) for ids in batch])
+        if self.fail_on_token is not None and any(self.fail_on_token in ids for ids in batch):
+            raise RuntimeError("injected failure")
+        return [len(ids) + ids[0] / 1000 for ids in batch]
+
+
+def expected(ids: list[int]) -> float:
+    return len(ids) + ids[0] / 1000
+
+
+def seq(first: int, length: int) -> list[int]:
+    return [first] + [7] * (length - 1)
+
+
+class Reports:
+    def __init__(self) -> None:
+        self.items: list[BatchReport] = []
+
+    def batch_done(self, report: BatchReport) -> None:
+        self.items.append(report)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_results_come_back_in_order_and_requests_share_a_forward():
+    forward = RecordingForward()
+    reports = Reports()
+    batcher = Batcher(forward, BatchLimits(max_wait_s=0.2), observer=reports).start()
+
+    async def main():
+        requests = [[seq(1, 3), seq(2, 5)], [seq(3, 4)], [seq(4, 2), seq(5, 6), seq(6, 3)]]
+        futures = [batcher.submit(r) for r in requests]
+        results = await asyncio.gather(*futures)
+        for request, scores in zip(requests, results):
+            assert scores == [expected(ids) for ids in request]
+
+    run(main())
+    batcher.stop(5)
+    assert len(forward.batches) == 1 and len(forward.batches[0]) == 6
+    assert reports.items[0].items == 6
+    assert reports.items[0].padded_tokens == 6 * 6 and reports.items[0].real_tokens == 3 + 5 + 4 + 2 + 6 + 3
+
+
+def test_batches_respect_size_and_padded_token_limits():
+    forward = RecordingForward()
+    forward.release.clear()
+    batcher = Batcher(forward, BatchLimits(max_batch_tokens=40, max_batch_size=4, max_wait_s=0.0)).start()
+
+    async def main():
+        first = batcher.submit([seq(0, 2)])
+        await asyncio.to_thread(forward.entered.wait, 5)  # the worker is busy: the rest queues up
+        rest = batcher.submit([seq(i, 5 + (i % 4)) for i in range(1, 21)])
+        forward.release.set()
+        await asyncio.gather(first, rest)
+
+    run(main())
+    batcher.stop(5)
+    for batch in forward.batches:
+        assert len(batch) <= 4
+        assert max(map(len, batch)) * len(batch) <= 40
+    assert sum(len(b) for b in forward.batches) == 21
+
+
+def test_each_batch_holds_the_oldest_item_and_groups_similar_lengths():
+    forward = RecordingForward()
+    forward.release.clear()
+    batcher = Batcher(forward, BatchLimits(max_batch_tokens=10_000, max_batch_size=3, max_wait_s=0.0)).start()
+
+    async def main():
+        blocker = batcher.submit([seq(0, 2)])
+        await asyncio.to_thread(forward.entered.wait, 5)
+        # Arrival order: a long one first, then short ones interleaved with other long ones.
+        lengths = [50, 5, 51, 6, 52, 7, 53, 8]
+        futures = [batcher.submit([seq(100 + i, n)]) for i, n in enumerate(lengths)]
+        forward.release.set()
+        await asyncio.gather(blocker, *futures)
+
+    run(main())
+    batcher.stop(5)
+    batches = [[len(ids) for ids in b] for b in forward.batches[1:]]
+    # the oldest (50) goes first, with its nearest lengths; then the oldest remaining (5) with the short ones
+    assert sorted(batches[0]) == [50, 51, 52]
+    assert sorted(batches[1]) == [5, 6, 7]
+    assert sorted(batches[2]) == [8, 53]
+
+
+def test_a_long_item_is_not_starved_by_a_stream_of_short_ones():
+    forward = RecordingForward()
+    forward.release.clear()
+    batcher = Batcher(forward, BatchLimits(max_batch_tokens=64, max_batch_size=8, max_wait_s=0.0)).start()
+
+    async def main():
+        blocker = batcher.submit([seq(0, 2)])
+        await asyncio.to_thread(forward.entered.wait, 5)
+        shorts = [batcher.submit([seq(i, 3)]) for i in range(1, 9)]
+        long = batcher.submit([seq(999, 40)])
+        more = [batcher.submit([seq(i, 3)]) for i in range(10, 40)]
+        forward.release.set()
+        await asyncio.gather(blocker, long, *shorts, *more)
+
+    run(main())
+    batcher.stop(5)
+    position = next(i for i, b in enumerate(forward.batches) if any(ids[0] == 999 for ids in b))
+    assert position <= 2, [len(b) for b in forward.batches]  # right after the items that arrived before it
+
+
+def test_a_cancelled_request_costs_no_compute_and_leaves_the_queue():
+    forward = RecordingForward()
+    forward.release.clear()
+    batcher = Batcher(forward, BatchLimits(max_wait_s=0.0)).start()
+
+    async def main():
+        blocker = batcher.submit([seq(0, 2)])
+        await asyncio.to_thread(forward.entered.wait, 5)
+        gone = batcher.submit([seq(500, 4), seq(501, 4)])
+        kept = batcher.submit([seq(600, 4)])
+        assert batcher.queue_depth == 3 and batcher.queued_tokens == 12
+        gone.cancel()
+        await asyncio.sleep(0)  # done callbacks run on the next loop iteration
+        assert batcher.queue_depth == 1 and batcher.queued_tokens == 4
+        forward.release.set()
+        assert await kept == [expected(seq(600, 4))]
+        await blocker
+
+    run(main())
+    batcher.stop(5)
+    computed = {ids[0] for batch in forward.batches for ids in batch}
+    assert 500 not in computed and 501 not in computed and 600 in computed
+
+
+def test_a_failing_forward_fails_only_its_batch_and_the_worker_goes_on():
+    forward = RecordingForward()
+    forward.fail_on_token = 13
+    reports = Reports()
+    batcher = Batcher(forward, BatchLimits(max_batch_size=1, max_wait_s=0.0), observer=reports).start()
+
+    async def main():
+        bad = batcher.submit([seq(13, 3)])
+        good = batcher.submit([seq(14, 3)])
+        with pytest.raises(ForwardFailed, match="injected failure"):
+            await bad
+        assert await good == [expected(seq(14, 3))]
+        assert await batcher.submit([seq(15, 2)]) == [expected(seq(15, 2))]
+
+    run(main())
+    batcher.stop(5)
+    assert [r.ok for r in reports.items] == [False, True, True]
+
+
+def test_a_batch_too_large_for_the_device_is_retried_in_halves():
+    forward = RecordingForward()
+    forward.too_large_above = 2
+    batcher = Batcher(forward, BatchLimits(max_wait_s=0.05)).start()
+
+    async def main():
+        request = [seq(i, 3 + i % 3) for i in range(1, 9)]
+        assert await batcher.submit(request) == [expected(ids) for ids in request]
+
+    run(main())
+    batcher.stop(5)
+    assert all(len(b) <= 2 for b in forward.batches)
+
+
+def test_the_queue_is_bounded_in_tokens():
+    forward = RecordingForward()
+    forward.release.clear()
+    batcher = Batcher(forward, BatchLimits(max_batch_tokens=16, max_queue_tokens=20, max_wait_s=0.0)).start()
+
+    async def main():
+        blocker = batcher.submit([seq(0, 2)])
+        await asyncio.to_thread(forward.entered.wait, 5)
+        queued = batcher.submit([seq(1, 8), seq(2, 8)])
+        with pytest.raises(QueueFull) as info:
+            batcher.submit([seq(3, 8)])
+        assert info.value.retry_after_s >= 1
+        with pytest.raises(RequestTooLarge):
+            batcher.submit([seq(4, 21)])
+        forward.release.set()
+        await asyncio.gather(blocker, queued)
+        assert await batcher.submit([seq(5, 8)]) == [expected(seq(5, 8))]  # room again
+
+    run(main())
+    batcher.stop(5)
+
+
+def test_stop_finishes_queued_work_then_refuses_new_work():
+    forward = RecordingForward()
+    forward.release.clear()
+    batcher = Batcher(forward, BatchLimits(max_batch_size=2, max_wait_s=0.0)).start()
+
+    async def main():
+        futures = [batcher.submit([seq(i, 3)]) for i in range(6)]
+        await asyncio.to_thread(forward.entered.wait, 5)
+        stopper = asyncio.create_task(asyncio.to_thread(batcher.stop, 10))
+        await asyncio.sleep(0.05)
+        with pytest.raises(BatcherClosed):
+            batcher.submit([seq(9, 3)])
+        forward.release.set()
+        assert await stopper is True
+        return await asyncio.gather(*futures)
+
+    results = run(main())
+    assert results == [[expected(seq(i, 3))] for i in range(6)]
