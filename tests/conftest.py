@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny random models (built in-process, no network), a small preference file, and a checkpoint
+trained for two steps with ``reward-train`` that the service tests reuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Everything runs offline and quietly; subprocesses inherit this.
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+    "WANDB_MODE": "disabled",
+    "DISABLE_MLFLOW_INTEGRATION": "TRUE",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+if str(TESTS_DIR) not in sys.path:  # `import tiny_models` from any test module
+    sys.path.insert(0, str(TESTS_DIR))
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import tiny_models  # noqa: E402
+
+TINY_PAIRS = 24
+
+
+def write_jsonl(path: str | Path, rows) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def run_module(module: str, *args: str, timeout: float = 240, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m module args...`` in a subprocess from the repository root; output captured as text."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=str(cwd or REPO_ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def reward_train_argv(model_dir: Path, dataset: Path, output_dir: Path, *extra: str) -> list[str]:
+    """The fast two-step ``reward-train`` command line the tests use."""
+    return [
+        "--model_name_or_path", str(model_dir),
+        "--dataset_name", str(dataset),
+        "--output_dir", str(output_dir),
+        "--max_steps", "2",
+        "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "8",
+        "--max_length", "32",
+        "--report_to", "none",
+        "--eval_split_ratio", "0.25",
+        "--logging_steps", "1",
+        "--save_strategy", "no",
+        "--seed", "0",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A random 2-layer BERT reward model (WordPiece tokenizer, [PAD]=0) saved as a plain HF folder."""
+    return tiny_models.make_tiny_bert(tmp_path_factory.mktemp("tiny-bert") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama reward model (byte-level BPE, no pad token, a chat template) saved as a HF folder."""
+    return tiny_models.make_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs() -> list[dict]:
+    from training.demo_data import generate_pairs
+
+    return generate_pairs(TINY_PAIRS, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs_file(tmp_path_factory, tiny_pairs) -> Path:
+    """24 demo preference pairs (prompt/chosen/rejected) as jsonl."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", tiny_pairs)
+
+
+@pytest.fixture(scope="session")
+def trained_bert_checkpoint(tmp_path_factory, tiny_bert_dir, tiny_pairs_file) -> Path:
+    """A reward checkpoint (weights, tokenizer, reward_manifest.json) from a 2-step ``reward-train`` run."""
+    output_dir = tmp_path_factory.mktemp("trained-bert") / "checkpoint"
+    result = run_module("training.train", *reward_train_argv(tiny_bert_dir, tiny_pairs_file, output_dir))
+    if result.returncode != 0:
+        pytest.fail(f"reward-train failed with exit code {result.returncode}:\n{result.stderr[-4000:]}")
+    return output_dir
