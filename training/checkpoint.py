@@ -40,9 +40,16 @@ def write_manifest(path: str | Path, manifest: dict[str, Any]) -> Path:
     return file
 
 
+# Any one of these marks a folder that really holds a tokenizer. Without them, transformers 5 still "loads" one for
+# some architectures (BERT: a 5-token vocabulary of special tokens) and every word silently becomes [UNK].
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{path}: no tokenizer in this folder (none of {', '.join(TOKENIZER_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:
