@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import Sequence
 
@@ -32,7 +33,7 @@ class DrainingServer(uvicorn.Server):
         self.lifecycle = lifecycle
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.lifecycle.begin_drain():
+        if self.lifecycle.phase is not Phase.FAILED and self.lifecycle.begin_drain():
             logger.info(
                 "received %s: draining %d accepted request(s) (at most %.0f s)",
                 signal.Signals(sig).name, self.lifecycle.accepted, self.lifecycle.drain_time_left(),
@@ -65,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"reward-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    if not Path(settings.model).is_dir():
+        print(f"reward-serve: --model {settings.model}: no such checkpoint folder", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -81,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = DrainingServer(config, runtime.lifecycle)
     logger.info("reward-serve settings: %s", settings.public_dict())
     server.run()
-    if runtime.lifecycle.phase is Phase.FAILED:
+    if runtime.lifecycle.failure is not None:
         logger.error("exiting: %s", runtime.lifecycle.failure)
         return 1
     return 0

@@ -56,9 +56,9 @@ class Lifecycle:
             self._phase = Phase.FAILED
 
     def begin_drain(self) -> bool:
-        """Stop admitting (and turn /readyz 503) now. False if already draining."""
+        """Stop admitting (and turn /readyz 503) now. False if already draining (or failed: nothing to drain)."""
         with self._lock:
-            if self._phase is Phase.DRAINING:
+            if self._phase in (Phase.DRAINING, Phase.FAILED):
                 return False
             self._phase = Phase.DRAINING
             self._drain_deadline = self._clock() + self._drain_timeout_s

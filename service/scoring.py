@@ -47,7 +47,7 @@ def check_limits(
 
 
 def _split_path(path: str) -> list[str | int]:
-    return [int(p) if p.isdigit() else p for p in path.split(".")]
+    return [int(p) if p.isdigit() else p for p in path.split(".") if p]
 
 
 class Scorer:

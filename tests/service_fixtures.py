@@ -58,7 +58,7 @@ def build_tiny_tokenizer(chat_template: str | None = None):
 
 def build_tiny_bert(
     path: Path, *, num_labels: int = 1, manifest: bool = True, max_length: int = 64, seed: int = 0,
-    chat_template: str | None = CHAT_TEMPLATE,
+    chat_template: str | None = CHAT_TEMPLATE, hidden_size: int = 32, layers: int = 2,
 ) -> Path:
     """A random 2-layer BERT sequence classifier saved as safetensors, with (optionally) a reward manifest."""
     import torch
@@ -71,7 +71,8 @@ def build_tiny_bert(
     tokenizer = build_tiny_tokenizer(chat_template)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
         max_position_embeddings=256, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,
     )
     if num_labels == 3:
@@ -129,26 +130,25 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.log_lines: list[str] = []
         self.url: str | None = None
-        self._port_found = threading.Event()
 
     def start(self, ready_timeout: float = 60.0) -> "ServerProcess":
         cmd = [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", "0", *self.args]
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        threading.Thread(target=self._read_log, daemon=True).start()
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + ready_timeout
-        if not self._port_found.wait(ready_timeout):
-            self.stop()
-            raise RuntimeError(f"server did not start listening:\n{self.log}")
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self._reader.join(5)
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
+            if self.url is not None:
+                try:
+                    if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
             time.sleep(0.05)  # polling interval, not synchronisation: the deadline bounds the wait
         self.stop()
         raise RuntimeError(f"server not ready within {ready_timeout} s:\n{self.log}")
@@ -160,7 +160,6 @@ class ServerProcess:
             match = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
             if match and self.url is None:
                 self.url = f"http://127.0.0.1:{match.group(1)}"
-                self._port_found.set()
 
     @property
     def log(self) -> str:
@@ -268,3 +267,37 @@ class ThreadedServer:
     def __exit__(self, *exc: Any) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+class ControlledBackend:
+    """A real checkpoint backend with test controls: a gate that holds forward passes, a poison token that makes a
+    forward raise, a gate that holds warm-up, and a record of every batch computed."""
+
+    def __init__(self, checkpoint_dir: Path, poison_word: str = "terrible"):
+        from service.backend import CheckpointBackend
+
+        self.real = CheckpointBackend.load(checkpoint_dir, device="cpu")
+        self.formatter = self.real.formatter
+        self.info = self.real.info
+        self.poison = self.formatter.tokenizer.convert_tokens_to_ids(poison_word)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.warm_gate = threading.Event()
+        self.warm_gate.set()
+        self.in_forward = threading.Event()
+        self.batches: list[list[list[int]]] = []
+
+    def warm_up(self) -> None:
+        assert self.warm_gate.wait(60)
+        self.real.warm_up()
+
+    def forward(self, batch: list[list[int]]) -> list[float]:
+        self.in_forward.set()
+        assert self.gate.wait(60), "the test never opened the gate"
+        self.batches.append([list(ids) for ids in batch])
+        if any(self.poison in ids for ids in batch):
+            raise RuntimeError("injected fault: poison token in the batch")
+        return self.real.forward(batch)
+
+    def computed_tokens(self) -> set[int]:
+        return {t for batch in self.batches for ids in batch for t in ids}
