@@ -27,7 +27,12 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
     file = Path(path) / MANIFEST_NAME
     if not file.is_file():
         return None
-    data = json.loads(file.read_text())
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: unreadable manifest ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(data, dict) or "formatting" not in data:
+        raise CheckpointError(f"{file}: not a reward manifest (no 'formatting' section)")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{file}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
@@ -129,8 +134,6 @@ def load_checkpoint(
     truncation_side: str | None = None,
 ) -> RewardCheckpoint:
     """Load a reward checkpoint for scoring. Overrides apply only to folders without a manifest."""
-    from transformers import AutoModelForSequenceClassification
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
@@ -151,14 +154,22 @@ def load_checkpoint(
             truncation_side=truncation_side or "left",  # type: ignore[arg-type]
         )
     tokenizer.padding_side = "right"
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), use_safetensors=True, trust_remote_code=False, dtype=resolve_dtype(dtype)
-    )
+    model = load_model(path, dtype=resolve_dtype(dtype), use_safetensors=True)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(resolve_device(device)).eval()
     index = label_index_for(model.config, reward_label)
     return RewardCheckpoint(path, model, Formatter(tokenizer, recipe), manifest, index)
+
+
+def load_model(path: str | Path, **kwargs: Any):
+    """A sequence-classification model, never with remote code; load failures become :class:`CheckpointError`."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=False, **kwargs)
+    except Exception as exc:  # corrupt weights, missing config, unknown architecture: one clear line
+        raise CheckpointError(f"{path}: cannot load the model ({exc.__class__.__name__}: {exc})") from exc
 
 
 def _model_max_length(tokenizer: Any) -> int:

@@ -111,6 +111,11 @@ def recipe_for(
             notes.append("decoder tokenizer without an eos token: nothing is appended")
         else:
             append_eos = True
+            if tokenizer.pad_token_id == tokenizer.eos_token_id:
+                notes.append(
+                    "pad is eos: the head reads the reward at the last non-pad token, i.e. the token before the "
+                    "appended eos (as in TRL); training and serving agree"
+                )
     else:
         notes.append("encoder: single-segment encoding with the tokenizer's own special tokens, no eos appended")
     return FormattingRecipe(

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import CheckpointError, load_tokenizer, write_manifest
+from training.checkpoint import CheckpointError, load_model, load_tokenizer, write_manifest
 from training.data import DEMO, DataError, fingerprint, load_preference_rows, split_rows
 from training.formatting import Formatter, FormattingError, ensure_pad_token, recipe_for
 
@@ -134,7 +134,6 @@ def encode_rows(formatter: Formatter, rows: list[dict[str, Any]]) -> tuple[dict[
 
 def train(script_args: ScriptArguments, training_args, model_args) -> TrainResult:
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification
     from trl import RewardTrainer, get_peft_config
 
     from training.checkpoint import load_checkpoint
@@ -148,15 +147,19 @@ def train(script_args: ScriptArguments, training_args, model_args) -> TrainResul
         train_rows = rows
         eval_rows = load_preference_rows(script_args.eval_dataset_name, split=script_args.dataset_test_split, config=script_args.dataset_config)
         eval_source = script_args.eval_dataset_name
+    elif script_args.eval_split_ratio > 0 and script_args.dataset_name == DEMO:
+        from training.demo_data import generate_split
+
+        # Held out by topic: the accuracy then measures new subjects, not new wordings of seen ones.
+        train_rows, eval_rows = generate_split(len(rows), seed=training_args.seed, eval_fraction=script_args.eval_split_ratio)
+        eval_source = f"demo pairs on {script_args.eval_split_ratio:.0%} of the topics, unseen in training"
     elif script_args.eval_split_ratio > 0:
         train_rows, eval_rows = split_rows(rows, script_args.eval_split_ratio, training_args.seed)
         eval_source = f"{script_args.eval_split_ratio:.0%} held out of {script_args.dataset_name}"
     else:
         train_rows, eval_rows, eval_source = rows, rows, "the training rows (no held-out set)"
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base_model, num_labels=1, trust_remote_code=False, dtype=model_args.dtype if model_args.dtype not in (None, "auto") else None
-    )
+    model = load_model(base_model, num_labels=1, dtype=model_args.dtype if model_args.dtype not in (None, "auto") else None)
     ensure_pad_token(tokenizer, model.config)
     recipe = recipe_for(
         tokenizer,
