@@ -1,0 +1,155 @@
+"""The benchmark's outputs: ``bench.json`` (everything), ``bench.md`` (tables) and ``bench.png`` (throughput per
+scenario, latency distribution per scenario)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ORDER = ("ceiling", "service_64x1", "service_4x64", "service_open", "naive_64x1", "naive_4x64", "naive_open")
+
+
+def _f(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    t = report["texts"]
+    c = report["checkpoint"]
+    lines = [
+        "# Reward service throughput benchmark",
+        "",
+        f"`{report['command']}` — started {report['started']}, {report['seconds']} s"
+        + (f" — {report['label']}" if report.get("label") else ""),
+        "",
+        f"- Machine: {m.get('cpu_model', '?')}, {m.get('cpus')} CPUs ({', '.join(m.get('cpu_flags', []))}), "
+        f"{m.get('memory_gib', '?')} GiB; torch {m.get('torch')} ({m.get('torch_threads')} threads), "
+        f"transformers {m.get('transformers')}, uvicorn {m.get('uvicorn')}, Python {m.get('python')}",
+        f"- Load: before the run {report['load_before']['busy_cores']} busy cores (loadavg "
+        f"{report['load_before']['loadavg_1_5_15']}), after {report['load_after']['busy_cores']} "
+        f"(loadavg {report['load_after']['loadavg_1_5_15']})",
+        f"- Checkpoint: {c.get('name')} ({c.get('base_model')}), max_length {c.get('max_length')}",
+        f"- Texts: {t['n']} from {t['source']}; tokens median {t.get('tokens_median')}, p90 {t.get('tokens_p90')}, "
+        f"max {t.get('tokens_max')}, {t.get('truncated')} truncated",
+        "",
+    ]
+    for dtype, run in report["runs"].items():
+        s = run["scenarios"]
+        lines += [
+            f"## {dtype}",
+            "",
+            "| scenario | what | texts/s | tokens/s | p50 ms | p95 ms | p99 ms | items/forward | padding eff. "
+            "| × ceiling | × naive | server cores | loop cores | others' cores |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name in ORDER:
+            if name not in s:
+                continue
+            r = s[name]
+            lat = r.get("latency_ms") or {}
+            cpu = r.get("cpu") or {}
+            errors = sum((r.get("errors") or {}).values())
+            what = r["description"] + (f" ({errors} errors)" if errors else "")
+            lines.append(
+                f"| {name} | {what} | {_f(r['texts_per_s'])} | {_f(r['tokens_per_s'], 0)} | {_f(lat.get('p50'), 0)} "
+                f"| {_f(lat.get('p95'), 0)} | {_f(lat.get('p99'), 0)} | {_f(r.get('mean_items_per_forward'))} "
+                f"| {_f(r.get('padding_efficiency'), 2)} | {_f(r.get('ratio_to_ceiling'), 2)} "
+                f"| {_f(r.get('ratio_to_naive'), 2)} | {_f(cpu.get('server_cores', cpu.get('bench_process_cores')), 2)} "
+                f"| {_f(cpu.get('server_main_thread_cores'), 2)} | {_f(cpu.get('others_cores'), 2)} |"
+            )
+        if "ceiling" in s:
+            sweep = ", ".join(f"{k} {v['texts_per_s']:.1f}/s (pad eff {v['padding_efficiency']:.2f})"
+                              for k, v in s["ceiling"]["sweep"].items())
+            lines += ["", f"Ceiling sweep (in-process, texts/s): {sweep}."]
+        if "accuracy" in run:
+            a = run["accuracy"]
+            lines += ["", f"Held-out accuracy ({a['n']} pairs, {a['source']}): {a['accuracy']:.4f}."]
+        lines.append("")
+    for dtype, entry in report.get("cross_dtype", {}).items():
+        lines += [f"## {dtype} against float32", ""]
+        lines += [f"- {name}: {ratio:.2f} × float32" for name, ratio in entry["throughput_ratio"].items()]
+        if "accuracy_points" in entry:
+            lines.append(f"- held-out accuracy: {entry['accuracy_points']:+.2f} points; {entry['preference_flips']} "
+                         f"pairs change preference; largest score difference {entry['max_abs_score_diff']:.4f}")
+        lines.append("")
+    if report.get("targets"):
+        lines += ["## Targets (issue 5)", "", "| dtype | target | want | got | met |", "|---|---|---|---:|---|"]
+        for row in report["targets"]:
+            lines.append(f"| {row['dtype']} | {row['target']} | {row['want']} | {row['got']} | {'yes' if row['met'] else 'NO'} |")
+        lines.append("")
+    lines += [
+        "Columns: texts/s and real (non-pad) tokens/s completed inside the measurement window; latency per request "
+        "(closed loop: send to answer; open loop: from the scheduled send time); items/forward and padding "
+        "efficiency (real ÷ padded tokens) per forward pass from the server's /metrics; server cores = CPU used by "
+        "the server process (for the ceiling: the benchmark process), loop cores = its main (event-loop) thread, "
+        "others' cores = the rest of the machine (not ours) during the scenario.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = report["runs"]
+    dtypes = list(runs)
+    names = [n for n in ORDER if any(n in r["scenarios"] for r in runs.values())]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    width = 0.8 / max(1, len(dtypes))
+    for k, dtype in enumerate(dtypes):
+        s = runs[dtype]["scenarios"]
+        values = [s[n]["texts_per_s"] if n in s else 0 for n in names]
+        xs = [i + (k - (len(dtypes) - 1) / 2) * width for i in range(len(names))]
+        bars = ax1.bar(xs, values, width, label=dtype)
+        for x, v in zip(xs, values):
+            if v:
+                ax1.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+        if "ceiling" in s:
+            ax1.axhline(s["ceiling"]["texts_per_s"], color=bars.patches[0].get_facecolor(), ls="--", lw=0.8)
+    ax1.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax1.set_ylabel("texts/s")
+    ax1.set_title("Throughput per scenario (dashed: in-process ceiling)")
+    ax1.legend()
+
+    data, labels = [], []
+    for dtype in dtypes:
+        s = runs[dtype]["scenarios"]
+        for n in names:
+            if n in s and s[n].get("latencies_ms"):
+                data.append(s[n]["latencies_ms"])
+                labels.append(f"{n}\n{dtype}" if len(dtypes) > 1 else n)
+    if data:
+        ax2.boxplot(data, whis=(1, 99), showfliers=False)
+        ax2.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right", fontsize=8)
+        ax2.set_yscale("log")
+    ax2.set_ylabel("request latency, ms (log)")
+    ax2.set_title("Latency per request (box: p25-p75, whiskers: p1-p99)")
+    m = report["machine"]
+    fig.suptitle(f"{report['checkpoint'].get('name')} on {m.get('cpus')} x {m.get('cpu_model', 'CPU')}, "
+                 f"{report['texts']['n']} texts, {report['started']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_all(report: dict[str, Any], output: Path) -> list[Path]:
+    output.mkdir(parents=True, exist_ok=True)
+    paths = [output / "bench.json", output / "bench.md"]
+    paths[0].write_text(json.dumps(report, indent=1) + "\n")
+    paths[1].write_text(markdown(report))
+    png = plot(report, output / "bench.png")
+    if png is not None:
+        paths.append(png)
+    return paths

@@ -1,0 +1,379 @@
+"""``python -m bench``: the throughput benchmark, every scenario in one run on one checkpoint, dtype and text pool.
+
+    python -m bench [--checkpoint DIR] [--dtype float32[,bfloat16]] [--texts 512] [--duration-s 20] [--smoke]
+
+For each dtype, in this order, with nothing else of ours running at the same time:
+
+1. ``ceiling``: the model called in-process on length-sorted batches, at several batch sizes (the best one is the
+   ceiling), plus two references: one text at a time, and unsorted 64-text batches padded to their longest;
+2. ``service_64x1``: ``reward-serve`` under 64 closed-loop clients sending one text each (OpenRLHF's pattern);
+3. ``service_4x64``: the service under 4 clients sending 64-text requests (GRPO's pattern);
+4. ``service_open``: the service at a fixed arrival rate of one-text requests (half the ceiling by default), for
+   latency percentiles under a load it can sustain;
+5. ``naive_64x1``, ``naive_4x64``, ``naive_open``: the same three against :mod:`bench.naive_server`, a server
+   built the way OpenRLHF's ``serve_rm`` is.
+
+Reports texts/s, real tokens/s, p50/p95/p99 latency, mean items and padding efficiency per forward (the service's
+``/metrics``), CPU use of the server, of this process and of everyone else on the machine, and the ratios to the
+ceiling and to the naive server, to ``--output`` (``bench/results/``) as ``bench.json``, ``bench.md`` and
+``bench.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench import load as loadgen
+from bench.procstat import CpuProbe, describe_machine, sample_machine
+from bench.servers import Server, batch_stats, naive_argv, parse_metrics, service_argv
+from bench.texts import DEFAULT_DATA, TextPool, held_out_pairs, load_pool
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = REPO / "checkpoints" / "bench-minilm"
+DEFAULT_OUTPUT = REPO / "bench" / "results"
+
+SERVICE_SCENARIOS = ("service_64x1", "service_4x64", "service_open")
+NAIVE_SCENARIOS = ("naive_64x1", "naive_4x64", "naive_open")
+ALL_SCENARIOS = ("ceiling",) + SERVICE_SCENARIOS + NAIVE_SCENARIOS
+
+# Targets of issue 5 (2-core CPU, MiniLM, fp32 unless said).
+TARGETS = {
+    "service_64x1_vs_ceiling": 0.90,
+    "service_4x64_vs_ceiling": 0.95,
+    "service_4x64_vs_naive": 3.0,
+    "service_64x1_vs_naive": 1.0,
+    "bf16_vs_fp32": 1.7,
+    "bf16_accuracy_points": 0.5,
+}
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help=f"reward checkpoint to serve (default: {DEFAULT_CHECKPOINT.relative_to(REPO)}, trained for 5 "
+                        "steps from the default base model when absent: the speed is the trained model's)")
+    p.add_argument("--dtype", default="float32",
+                   help="comma-separated dtypes, each benchmarked in full (e.g. float32,bfloat16)")
+    p.add_argument("--texts", type=int, default=512, help="size of the text pool (default 512)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="hh-rlhf jsonl (demo pairs when absent)")
+    p.add_argument("--duration-s", type=float, default=20.0, help="measured seconds per load scenario")
+    p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each load scenario")
+    p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS), help="comma-separated subset to run")
+    p.add_argument("--ceiling-batch-sizes", default="4,8,16,32", help="sorted batch sizes of the ceiling sweep")
+    p.add_argument("--rate", type=float, default=None, help="open-loop arrivals per second (default: --rate-fraction)")
+    p.add_argument("--rate-fraction", type=float, default=0.5, help="open-loop rate as a fraction of the ceiling")
+    p.add_argument("--clients", type=int, default=64, help="one-text clients (default 64)")
+    p.add_argument("--batch-clients", type=int, default=4, help="batch clients (default 4)")
+    p.add_argument("--batch-texts", type=int, default=64, help="texts per batch request (default 64)")
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw", help="load generator's HTTP client")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra reward-serve argument (repeatable; --server-arg=--max-batch-size --server-arg=16)")
+    p.add_argument("--service-url", default=None,
+                   help="measure an already running service instead of starting one (e.g. to profile it)")
+    p.add_argument("--service-pid", type=int, default=None, help="its process id, for the CPU columns")
+    p.add_argument("--naive-arg", action="append", default=[], metavar="ARG", help="extra naive-server argument")
+    p.add_argument("--accuracy-pairs", type=int, default=None,
+                   help="held-out pairs scored in-process per dtype to compare accuracy across dtypes "
+                        "(default 300 with several dtypes, else 0)")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results folder (default bench/results)")
+    p.add_argument("--label", default=None, help="a note stored with the results (e.g. what was changed)")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds-long run on a tiny random model (CI): few texts, 1 s per scenario")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.texts = min(args.texts, 48)
+        args.duration_s = min(args.duration_s, 1.0)
+        args.warmup_s = min(args.warmup_s, 0.3)
+        args.ceiling_batch_sizes = "4,8"
+        args.clients = min(args.clients, 16)
+        args.batch_texts = min(args.batch_texts, 16)
+    args.min_requests = 2 if args.smoke else 1
+    args.dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = set(args.scenario_list) - set(ALL_SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(ALL_SCENARIOS)}")
+    if args.accuracy_pairs is None:
+        args.accuracy_pairs = 300 if len(args.dtypes) > 1 and not args.smoke else 0
+    return args
+
+
+# -- the checkpoint ----------------------------------------------------------------------------------------------
+def resolve_checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
+    if args.checkpoint is not None:
+        if not args.checkpoint.is_dir():
+            raise SystemExit(f"bench: --checkpoint {args.checkpoint}: no such folder")
+        return args.checkpoint
+    if args.smoke:
+        from bench.tiny import make_tiny_checkpoint
+
+        return make_tiny_checkpoint(scratch / "tiny-bert")
+    if (DEFAULT_CHECKPOINT / "reward_manifest.json").is_file():
+        return DEFAULT_CHECKPOINT
+    data = str(args.data) if args.data and Path(args.data).is_file() else "demo"
+    cmd = [sys.executable, "-m", "training.train", "--dataset_name", data, "--output_dir", str(DEFAULT_CHECKPOINT),
+           "--max_steps", "5", "--report_to", "none", "--seed", "0"]
+    log(f"no checkpoint given: training one for the benchmark (5 steps; the speed is the trained model's)\n$ {' '.join(cmd)}")
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return DEFAULT_CHECKPOINT
+
+
+# -- scenarios ---------------------------------------------------------------------------------------------------
+def tokenize_pool(pool: TextPool, checkpoint: Any) -> list[list[int]]:
+    encoded = [checkpoint.formatter.encode(item) for item in pool.items]
+    pool.lengths = [len(e.input_ids) for e in encoded]
+    pool.truncated = sum(e.truncated for e in encoded)
+    return [e.input_ids for e in encoded]
+
+
+def run_ceiling(args: argparse.Namespace, checkpoint: Any, sequences: list[list[int]]) -> dict[str, Any]:
+    from bench.ceiling import measure
+
+    sizes = [int(x) for x in args.ceiling_batch_sizes.split(",") if x.strip()]
+    result = measure(checkpoint, sequences, batch_sizes=sizes, unsorted_size=args.batch_texts, log=log)
+    best = result["ceiling"]
+    return {
+        "kind": "in-process",
+        "description": f"model called directly, length-sorted batches of {best['batch_size']} (best of the sweep)",
+        "texts_per_s": best["texts_per_s"],
+        "tokens_per_s": best["tokens_per_s"],
+        "latency_ms": None,
+        "mean_items_per_forward": best["mean_items_per_forward"],
+        "padding_efficiency": best["padding_efficiency"],
+        "cpu": best["cpu"],
+        **result,
+    }
+
+
+def accuracy_check(checkpoint: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    from training.evaluate import evaluate_pairs
+
+    report = evaluate_pairs(checkpoint, rows)
+    return {"accuracy": report["accuracy"], "mean_margin": report["mean_margin"], "n": report["n"],
+            "chosen_scores": report["chosen_scores"], "rejected_scores": report["rejected_scores"]}
+
+
+def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool, rate: float | None) -> dict[str, Any]:
+    kind = name.split("_", 1)[1]
+    lengths = pool.lengths or [0] * len(pool.items)
+    url = server.url + "/score"
+    if kind == "64x1":
+        payloads = loadgen.build_payloads(pool.items, lengths, 1)
+        coro = lambda: loadgen.closed_loop(url, payloads, concurrency=args.clients, warmup_s=args.warmup_s,
+                                           duration_s=args.duration_s, client=args.client,
+                                           min_requests=args.min_requests)
+        description = f"{args.clients} closed-loop clients x 1 text per request"
+    elif kind == "4x64":
+        payloads = loadgen.build_payloads(pool.items, lengths, args.batch_texts)
+        coro = lambda: loadgen.closed_loop(url, payloads, concurrency=args.batch_clients, warmup_s=args.warmup_s,
+                                           duration_s=args.duration_s, client=args.client,
+                                           min_requests=args.min_requests)
+        description = f"{args.batch_clients} closed-loop clients x {args.batch_texts} texts per request"
+    else:
+        payloads = loadgen.build_payloads(pool.items, lengths, 1)
+        assert rate is not None
+        coro = lambda: loadgen.open_loop(url, payloads, rate=rate, warmup_s=args.warmup_s,
+                                         duration_s=args.duration_s, client=args.client)
+        description = f"open loop: one-text requests at a fixed {rate:.1f}/s"
+    before = parse_metrics(server.get("/metrics"))
+    probe = CpuProbe([server.pid] if server.pid else [])
+    result = loadgen.run(coro)
+    cpu = probe.stop()
+    after = parse_metrics(server.get("/metrics"))
+    summary = result.summary()
+    out = {"kind": name.split("_", 1)[0], "description": description, **summary, **batch_stats(before, after), "cpu": cpu}
+    if rate is not None and kind == "open":
+        out["offered_rate"] = rate
+    lat = out["latency_ms"]
+    log(f"  {name:<13} {out['texts_per_s']:7.1f} texts/s  p50 {lat['p50']} ms  p99 {lat['p99']} ms  "
+        f"items/forward {_fmt(out['mean_items_per_forward'])}  padding eff {_fmt(out['padding_efficiency'])}  "
+        f"errors {out['errors'] or 0}  cpu {cpu}")
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def run_dtype(args: argparse.Namespace, checkpoint_dir: Path, dtype: str, pool: TextPool, logs: Path) -> dict[str, Any]:
+    log(f"== dtype {dtype}")
+    servers = {
+        "service": (SERVICE_SCENARIOS, service_argv(checkpoint_dir, dtype, args.server_arg)),
+        "naive": (NAIVE_SCENARIOS, naive_argv(checkpoint_dir, dtype, args.naive_arg)),
+    }
+    early: dict[str, Server] = {}
+    if args.smoke:  # numbers do not matter: start both servers now, in parallel with the ceiling, to save time
+        for which, (names, argv) in servers.items():
+            if any(n in args.scenario_list for n in names) and not (which == "service" and args.service_url):
+                early[which] = Server(which, argv, logs / f"{which}-{dtype}.log").launch()
+    try:
+        return _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early)
+    finally:
+        for server in early.values():
+            server.stop()
+
+
+def _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early) -> dict[str, Any]:
+    from training.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(checkpoint_dir, dtype=dtype, device="cpu")
+    sequences = tokenize_pool(pool, checkpoint)
+    scenarios: dict[str, Any] = {}
+    out: dict[str, Any] = {"dtype": dtype, "scenarios": scenarios}
+    if "ceiling" in args.scenario_list:
+        scenarios["ceiling"] = run_ceiling(args, checkpoint, sequences)
+    if args.accuracy_pairs:
+        rows, source = held_out_pairs(args.accuracy_pairs, data=args.data)
+        out["accuracy"] = {**accuracy_check(checkpoint, rows), "source": source}
+        log(f"  held-out accuracy ({dtype}): {out['accuracy']['accuracy']:.4f} over {out['accuracy']['n']} pairs")
+    del checkpoint
+    gc.collect()
+
+    ceiling_rate = scenarios.get("ceiling", {}).get("texts_per_s")
+    rate = args.rate or (args.rate_fraction * ceiling_rate if ceiling_rate else 10.0)
+    for which, (names, argv) in servers.items():
+        wanted = [n for n in names if n in args.scenario_list]
+        if not wanted:
+            continue
+        t0 = time.perf_counter()
+        if which == "service" and args.service_url:
+            server = Server.external(which, args.service_url, args.service_pid)
+        elif which in early:
+            server = early[which].wait_ready()
+        else:
+            server = Server(which, argv, logs / f"{which}-{dtype}.log").start()
+        log(f"  {which} server ready in {time.perf_counter() - t0:.1f} s at {server.url}")
+        try:
+            out[f"{which}_argv"] = argv[1:]
+            for name in wanted:
+                scenarios[name] = run_load(args, server, name, pool, rate)
+        finally:
+            server.stop()
+    out["ratios"] = ratios(scenarios)
+    return out
+
+
+def ratios(s: dict[str, Any]) -> dict[str, float]:
+    def tput(name: str) -> float | None:
+        return s[name]["texts_per_s"] if name in s and s[name]["texts_per_s"] else None
+
+    out = {}
+    ceiling = tput("ceiling")
+    for name in SERVICE_SCENARIOS + NAIVE_SCENARIOS:
+        if tput(name) and ceiling:
+            out[f"{name}_vs_ceiling"] = tput(name) / ceiling
+            s[name]["ratio_to_ceiling"] = out[f"{name}_vs_ceiling"]
+    for kind in ("64x1", "4x64", "open"):
+        a, b = tput(f"service_{kind}"), tput(f"naive_{kind}")
+        if a and b:
+            out[f"service_{kind}_vs_naive"] = a / b
+            s[f"service_{kind}"]["ratio_to_naive"] = a / b
+    return out
+
+
+def cross_dtype(runs: dict[str, Any]) -> dict[str, Any]:
+    """bf16 (or any second dtype) against float32: throughput ratios per scenario and the accuracy difference."""
+    if "float32" not in runs:
+        return {}
+    base = runs["float32"]
+    out: dict[str, Any] = {}
+    for dtype, run in runs.items():
+        if dtype == "float32":
+            continue
+        entry: dict[str, Any] = {"throughput_ratio": {}}
+        for name, scenario in run["scenarios"].items():
+            ref = base["scenarios"].get(name)
+            if ref and ref.get("texts_per_s") and scenario.get("texts_per_s"):
+                entry["throughput_ratio"][name] = scenario["texts_per_s"] / ref["texts_per_s"]
+        if "accuracy" in run and "accuracy" in base:
+            a, b = run["accuracy"], base["accuracy"]
+            entry["accuracy_points"] = 100 * (a["accuracy"] - b["accuracy"])
+            flips = sum((c1 > r1) != (c0 > r0) for c1, r1, c0, r0 in
+                        zip(a["chosen_scores"], a["rejected_scores"], b["chosen_scores"], b["rejected_scores"]))
+            entry["preference_flips"] = flips
+            entry["max_abs_score_diff"] = max(
+                abs(x - y) for x, y in zip(a["chosen_scores"] + a["rejected_scores"], b["chosen_scores"] + b["rejected_scores"])
+            )
+        out[dtype] = entry
+    return out
+
+
+def targets(runs: dict[str, Any], cross: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for dtype, run in runs.items():
+        r = run["ratios"]
+        for key in ("service_64x1_vs_ceiling", "service_4x64_vs_ceiling", "service_4x64_vs_naive", "service_64x1_vs_naive"):
+            if key in r:
+                rows.append({"dtype": dtype, "target": key, "want": f">= {TARGETS[key]}", "got": round(r[key], 3),
+                             "met": r[key] >= TARGETS[key]})
+    for dtype, entry in cross.items():
+        for name, ratio in entry["throughput_ratio"].items():
+            rows.append({"dtype": dtype, "target": f"{name}_vs_float32", "want": f">= {TARGETS['bf16_vs_fp32']}",
+                         "got": round(ratio, 3), "met": ratio >= TARGETS["bf16_vs_fp32"]})
+        if "accuracy_points" in entry:
+            pts = entry["accuracy_points"]
+            rows.append({"dtype": dtype, "target": "accuracy_points_vs_float32",
+                         "want": f"within {TARGETS['bf16_accuracy_points']}", "got": round(pts, 2),
+                         "met": abs(pts) <= TARGETS["bf16_accuracy_points"]})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)
+    args.output.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    load_before = sample_machine(1.0)
+    log(f"machine before the run: {load_before}")
+    with tempfile.TemporaryDirectory(prefix="reward-bench-") as scratch:
+        checkpoint_dir = resolve_checkpoint(args, Path(scratch))
+        pool = load_pool(args.texts, data=None if args.smoke and args.data == DEFAULT_DATA else args.data)
+        log(f"checkpoint {checkpoint_dir}; {len(pool.items)} texts from {pool.source}")
+        runs = {}
+        for dtype in args.dtypes:
+            runs[dtype] = run_dtype(args, checkpoint_dir, dtype, pool, args.output)
+        cross = cross_dtype(runs)
+        for run in runs.values():  # the raw scores served their purpose
+            for key in ("chosen_scores", "rejected_scores"):
+                run.get("accuracy", {}).pop(key, None)
+        manifest_path = checkpoint_dir / "reward_manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        report = {
+            "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+            "label": args.label,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+            "seconds": round(time.time() - started, 1),
+            "machine": describe_machine(),
+            "load_before": load_before,
+            "load_after": sample_machine(1.0),
+            "checkpoint": {"path": str(checkpoint_dir), "name": manifest.get("name"),
+                           "base_model": manifest.get("base_model"),
+                           "max_length": manifest.get("formatting", {}).get("max_length")},
+            "texts": pool.describe(),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                         if k not in ("dtype", "scenarios")},
+            "runs": runs,
+            "cross_dtype": cross,
+            "targets": targets(runs, cross),
+        }
+    from bench.report import write_all
+
+    paths = write_all(report, args.output)
+    log(f"machine after the run: {report['load_after']}")
+    log("wrote " + ", ".join(str(p) for p in paths))
+    return 0

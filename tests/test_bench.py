@@ -1,0 +1,87 @@
+"""The throughput benchmark's smoke run (``python -m bench --smoke``): every scenario for about a second on a tiny
+random model, so the harness cannot rot. It checks the report's shape, not any speed (CI machines vary)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+SCENARIOS = ("ceiling", "service_64x1", "service_4x64", "service_open", "naive_64x1", "naive_4x64", "naive_open")
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench-smoke")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--output", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, f"python -m bench --smoke failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return json.loads((out / "bench.json").read_text()), out
+
+
+def test_every_scenario_has_positive_throughput_and_no_errors(smoke_report):
+    report, _ = smoke_report
+    scenarios = report["runs"]["float32"]["scenarios"]
+    assert set(scenarios) == set(SCENARIOS)
+    for name, result in scenarios.items():
+        assert result["texts_per_s"] > 0, name
+        assert result["tokens_per_s"] > 0, name
+        if name != "ceiling":
+            assert result["requests"] > 0, name
+            assert result["failed_requests"] == 0 and not result["errors"], (name, result["errors"])
+            assert result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["p99"], name
+            assert result["mean_items_per_forward"] >= 1, name  # read from the server's /metrics
+            assert 0 < result["padding_efficiency"] <= 1, name
+
+
+def test_ratios_batching_and_outputs(smoke_report):
+    report, out = smoke_report
+    run = report["runs"]["float32"]
+    for key in ("service_64x1_vs_ceiling", "service_4x64_vs_ceiling", "service_open_vs_ceiling",
+                "service_64x1_vs_naive", "service_4x64_vs_naive", "naive_4x64_vs_ceiling"):
+        assert run["ratios"][key] > 0, key
+    ceiling = run["scenarios"]["ceiling"]
+    assert ceiling["sweep"][ceiling["best"]]["texts_per_s"] == ceiling["texts_per_s"]
+    assert {"one_at_a_time", "unsorted_16"} <= set(ceiling["sweep"])
+    # The naive server never batches across requests: one-text requests make one-item forwards.
+    assert run["scenarios"]["naive_64x1"]["mean_items_per_forward"] == 1
+    assert {t["target"] for t in report["targets"]} >= {"service_64x1_vs_ceiling", "service_4x64_vs_naive"}
+    assert report["texts"]["n"] > 0 and report["machine"]["cpus"] >= 1
+    table = (out / "bench.md").read_text()
+    for name in SCENARIOS:
+        assert f"| {name} |" in table
+    png = out / "bench.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_naive_server_pads_each_request_to_its_longest(tmp_path):
+    """The peer is what it claims to be: each request is one forward over its own texts, unsorted."""
+    from fastapi.testclient import TestClient
+
+    from bench.naive_server import create_app
+    from bench.tiny import make_tiny_checkpoint
+    from training.checkpoint import forward_scores, load_checkpoint
+
+    checkpoint = load_checkpoint(make_tiny_checkpoint(tmp_path / "tiny"))
+    texts = ["a short one", "a much longer text with many more words in it than the first", "mid length text"]
+    with TestClient(create_app(checkpoint)) as client:
+        scores = client.post("/score", json={"items": [{"text": t} for t in texts]}).json()["scores"]
+        rewards = client.post("/get_reward", json={"query": texts}).json()["rewards"]
+        metrics = client.get("/metrics").text
+    ids = [checkpoint.formatter.encode({"text": t}).input_ids for t in texts]
+    assert scores == pytest.approx(forward_scores(checkpoint, ids), abs=1e-5)
+    assert rewards == pytest.approx(scores, abs=1e-6)
+    assert "reward_batch_size_count 2" in metrics and "reward_batch_size_sum 6" in metrics
+    assert f"reward_batch_tokens_sum {2 * 3 * max(map(len, ids))}" in metrics
