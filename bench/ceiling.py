@@ -52,6 +52,11 @@ def run_pass(checkpoint: Any, sequences: Sequence[Sequence[int]], batches: list[
     }
 
 
+def _others(result: dict[str, Any]) -> str:
+    others = result["cpu"].get("others_cores")
+    return "" if others is None else f"(others used {others:.2f} cores)"
+
+
 def measure(
     checkpoint: Any,
     sequences: Sequence[Sequence[int]],
@@ -60,6 +65,7 @@ def measure(
     references: bool = True,
     unsorted_size: int = 64,
     log=print,
+    before_pass=None,
 ) -> dict[str, Any]:
     """The sweep and the ceiling (the best sorted batch size) over ``sequences`` (token-id lists)."""
     from training.checkpoint import forward_scores
@@ -70,17 +76,21 @@ def measure(
     forward_scores(checkpoint, [sequences[i] for i in longest])
     forward_scores(checkpoint, [sequences[0]])
     sweep: dict[str, dict[str, Any]] = {}
+    before_pass = before_pass or (lambda: None)
     for size in batch_sizes:
+        before_pass()
         result = run_pass(checkpoint, sequences, _batches_sorted(lengths, size))
         sweep[f"sorted_{size}"] = {"batch_size": size, "sorted": True, **result}
-        log(f"  ceiling sweep: sorted batches of {size:>3}: {result['texts_per_s']:7.1f} texts/s")
+        log(f"  ceiling sweep: sorted batches of {size:>3}: {result['texts_per_s']:7.1f} texts/s  {_others(result)}")
     if references:
+        before_pass()
         result = run_pass(checkpoint, sequences, _batches_sorted(lengths, 1))
         sweep["one_at_a_time"] = {"batch_size": 1, "sorted": False, **result}
-        log(f"  reference: one text at a time:       {result['texts_per_s']:7.1f} texts/s")
+        log(f"  reference: one text at a time:       {result['texts_per_s']:7.1f} texts/s  {_others(result)}")
         size = min(unsorted_size, len(sequences))
+        before_pass()
         result = run_pass(checkpoint, sequences, _batches_unsorted(len(sequences), size))
         sweep[f"unsorted_{size}"] = {"batch_size": size, "sorted": False, **result}
-        log(f"  reference: unsorted batches of {size:>3}: {result['texts_per_s']:7.1f} texts/s")
+        log(f"  reference: unsorted batches of {size:>3}: {result['texts_per_s']:7.1f} texts/s  {_others(result)}")
     best_key = max((k for k, v in sweep.items() if v["sorted"]), key=lambda k: sweep[k]["texts_per_s"])
     return {"best": best_key, "ceiling": sweep[best_key], "sweep": sweep}

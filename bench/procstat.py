@@ -87,6 +87,34 @@ def sample_machine(seconds: float = 1.0) -> dict[str, Any]:
     return {"busy_cores": out.get("machine_busy_cores"), "loadavg_1_5_15": [round(x, 2) for x in load]}
 
 
+def wait_quiet(max_wait_s: float, *, threshold_cores: float = 0.3, quiet_s: float = 10.0, own_pids: Sequence[int] = (),
+               log=print) -> dict[str, Any]:
+    """Wait (up to ``max_wait_s``) until the rest of the machine has used under ``threshold_cores`` for ``quiet_s``
+    in a row. Returns how long it waited and whether it got quiet; on a shared machine, run it before measuring."""
+    started = time.perf_counter()
+    quiet_since: float | None = None
+    announced = False
+    while True:
+        probe = CpuProbe(own_pids)
+        time.sleep(1.0)
+        busy = probe.stop().get("others_cores")
+        now = time.perf_counter()
+        if busy is None:  # no /proc: nothing to wait for
+            return {"waited_s": 0.0, "quiet": None}
+        if busy < threshold_cores:
+            quiet_since = quiet_since if quiet_since is not None else now - 1.0
+            if now - quiet_since >= quiet_s:
+                return {"waited_s": round(now - started, 1), "quiet": True}
+        else:
+            quiet_since = None
+            if not announced:
+                log(f"  waiting for the machine to be quiet (others use {busy:.2f} cores; at most {max_wait_s:.0f} s)")
+                announced = True
+        if now - started >= max_wait_s:
+            log(f"  the machine did not get quiet within {max_wait_s:.0f} s: measuring anyway (see others' cores)")
+            return {"waited_s": round(now - started, 1), "quiet": False}
+
+
 def describe_machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),

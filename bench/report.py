@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+CONTAMINATED_CORES = 0.3  # others' CPU above which a scenario is flagged as measured on a shared machine
 ORDER = ("ceiling", "service_64x1", "service_4x64", "service_open", "naive_64x1", "naive_4x64", "naive_open")
 
 
@@ -56,6 +57,8 @@ def markdown(report: dict[str, Any]) -> str:
             cpu = r.get("cpu") or {}
             errors = sum((r.get("errors") or {}).values())
             what = r["description"] + (f" ({errors} errors)" if errors else "")
+            if (cpu.get("others_cores") or 0) > CONTAMINATED_CORES:
+                what += " ⚠ machine shared"
             lines.append(
                 f"| {name} | {what} | {_f(r['texts_per_s'])} | {_f(r['tokens_per_s'], 0)} | {_f(lat.get('p50'), 0)} "
                 f"| {_f(lat.get('p95'), 0)} | {_f(lat.get('p99'), 0)} | {_f(r.get('mean_items_per_forward'))} "
@@ -88,7 +91,8 @@ def markdown(report: dict[str, Any]) -> str:
         "(closed loop: send to answer; open loop: from the scheduled send time); items/forward and padding "
         "efficiency (real ÷ padded tokens) per forward pass from the server's /metrics; server cores = CPU used by "
         "the server process (for the ceiling: the benchmark process), loop cores = its main (event-loop) thread, "
-        "others' cores = the rest of the machine (not ours) during the scenario.",
+        "others' cores = the rest of the machine (not ours) during the scenario; ⚠ marks a scenario during "
+        f"which others used more than {CONTAMINATED_CORES} cores (not comparable).",
         "",
     ]
     return "\n".join(lines)

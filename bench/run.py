@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench import load as loadgen
-from bench.procstat import CpuProbe, describe_machine, sample_machine
+from bench.procstat import CpuProbe, describe_machine, sample_machine, wait_quiet
 from bench.servers import Server, batch_stats, naive_argv, parse_metrics, service_argv
 from bench.texts import DEFAULT_DATA, TextPool, held_out_pairs, load_pool
 
@@ -82,6 +82,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--client", choices=["raw", "httpx"], default="raw", help="load generator's HTTP client")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra reward-serve argument (repeatable; --server-arg=--max-batch-size --server-arg=16)")
+    p.add_argument("--service-root", type=Path, default=None,
+                   help="run reward-serve from this folder (a copy of the repository with a modified service/, to "
+                        "measure a change before making it); default: this checkout")
     p.add_argument("--service-url", default=None,
                    help="measure an already running service instead of starting one (e.g. to profile it)")
     p.add_argument("--service-pid", type=int, default=None, help="its process id, for the CPU columns")
@@ -89,6 +92,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--accuracy-pairs", type=int, default=None,
                    help="held-out pairs scored in-process per dtype to compare accuracy across dtypes "
                         "(default 300 with several dtypes, else 0)")
+    p.add_argument("--wait-quiet-s", type=float, default=0.0,
+                   help="before each measurement, wait up to this long for the rest of the machine to use under "
+                        "0.3 cores for 10 s (shared machines); 0 (default) does not wait")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results folder (default bench/results)")
     p.add_argument("--label", default=None, help="a note stored with the results (e.g. what was changed)")
     p.add_argument("--smoke", action="store_true",
@@ -144,7 +150,8 @@ def run_ceiling(args: argparse.Namespace, checkpoint: Any, sequences: list[list[
     from bench.ceiling import measure
 
     sizes = [int(x) for x in args.ceiling_batch_sizes.split(",") if x.strip()]
-    result = measure(checkpoint, sequences, batch_sizes=sizes, unsorted_size=args.batch_texts, log=log)
+    result = measure(checkpoint, sequences, batch_sizes=sizes, unsorted_size=args.batch_texts, log=log,
+                     before_pass=lambda: quiet(args))
     best = result["ceiling"]
     return {
         "kind": "in-process",
@@ -189,6 +196,7 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
         coro = lambda: loadgen.open_loop(url, payloads, rate=rate, warmup_s=args.warmup_s,
                                          duration_s=args.duration_s, client=args.client)
         description = f"open loop: one-text requests at a fixed {rate:.1f}/s"
+    quiet(args, [server.pid] if server.pid else [])
     before = parse_metrics(server.get("/metrics"))
     probe = CpuProbe([server.pid] if server.pid else [])
     result = loadgen.run(coro)
@@ -205,6 +213,15 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
     return out
 
 
+def _root(args: argparse.Namespace, which: str) -> Path | None:
+    return args.service_root if which == "service" else None
+
+
+def quiet(args: argparse.Namespace, own_pids: Sequence[int] = ()) -> None:
+    if args.wait_quiet_s > 0:
+        wait_quiet(args.wait_quiet_s, own_pids=own_pids, log=log)
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
@@ -219,7 +236,7 @@ def run_dtype(args: argparse.Namespace, checkpoint_dir: Path, dtype: str, pool: 
     if args.smoke:  # numbers do not matter: start both servers now, in parallel with the ceiling, to save time
         for which, (names, argv) in servers.items():
             if any(n in args.scenario_list for n in names) and not (which == "service" and args.service_url):
-                early[which] = Server(which, argv, logs / f"{which}-{dtype}.log").launch()
+                early[which] = Server(which, argv, logs / f"{which}-{dtype}.log", root=_root(args, which)).launch()
     try:
         return _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early)
     finally:
@@ -255,7 +272,7 @@ def _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early) -> dict[
         elif which in early:
             server = early[which].wait_ready()
         else:
-            server = Server(which, argv, logs / f"{which}-{dtype}.log").start()
+            server = Server(which, argv, logs / f"{which}-{dtype}.log", root=_root(args, which)).start()
         log(f"  {which} server ready in {time.perf_counter() - t0:.1f} s at {server.url}")
         try:
             out[f"{which}_argv"] = argv[1:]

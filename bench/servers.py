@@ -27,12 +27,14 @@ class ServerError(RuntimeError):
 
 
 class Server:
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None):
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
+                 root: Path | None = None):
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
+        self.root = Path(root) if root is not None else REPO  # where `python -m` finds the packages
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), self.env.get("PYTHONPATH", "")) if p)
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.root), self.env.get("PYTHONPATH", "")) if p)
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
         self.external_pid: int | None = None
@@ -56,7 +58,7 @@ class Server:
         """Start the process without waiting for it (:meth:`wait_ready` waits)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.argv, cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         return self
 
