@@ -16,12 +16,14 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.backend import CheckpointBackend, ModelInfo, ScoringBackend
 from service.batching import Batcher, BatchLimits
-from service.errors import InvalidInput, ServiceError, Unauthorized, Unavailable
+from service.errors import InvalidInput, ServiceError, Unauthorized, Unavailable, json_safe
 from service.lifecycle import Lifecycle, Phase
 from service.metrics import ServiceMetrics
 from service.middleware import BodySizeLimit, RequestMetrics
@@ -42,6 +44,20 @@ from training.formatting import FormattingError, pair_side
 logger = logging.getLogger("reward.service")
 
 ROUTES = frozenset({"/score", "/compare", "/get_reward", "/healthz", "/readyz", "/info", "/metrics"})
+
+# The refusals a scoring route can answer besides FastAPI's own 422, for the OpenAPI schema: {"detail": message}.
+_ERROR = {"content": {"application/json": {"schema": {
+    "type": "object", "properties": {"detail": {}}, "required": ["detail"]}}}}
+SCORING_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "the body could not be read (not UTF-8, numbers too large, nested too deeply)", **_ERROR},
+    401: {"description": "the API key is missing or wrong (only when the service has one)", **_ERROR},
+    413: {"description": "the body is over --max-body-bytes, or the request alone holds more tokens than the queue",
+          **_ERROR},
+    429: {"description": "the queue is full; come back after Retry-After seconds", **_ERROR},
+    500: {"description": "the forward pass over this request's batch failed", **_ERROR},
+    503: {"description": "still loading, or shutting down; see Retry-After", **_ERROR},
+    504: {"description": "not answered within --request-timeout-s", **_ERROR},
+}
 
 
 class ServiceRuntime:
@@ -171,13 +187,21 @@ def create_app(settings: ServeSettings, backend: ScoringBackend | None = None) -
     async def service_error(_request: Request, exc: ServiceError) -> JSONResponse:
         if exc.status_code >= 429 or exc.status_code == 413:
             runtime.metrics.rejected.labels(reason=exc.kind).inc()
-        return JSONResponse({"detail": exc.detail()}, status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse({"detail": json_safe(exc.detail())}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422, but rendered safely: its errors echo the input, which may hold NaN, lone surrogates or
+        non-UTF-8 bytes (the default handler then fails with a 500)."""
+        errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")})
+        return JSONResponse({"detail": json_safe(errors)}, status_code=422)
 
     require_api_key = _api_key_dependency(settings)
     scoring = [Depends(require_api_key)]
     s = settings
 
-    @app.post("/score", response_model=ScoreResponse, dependencies=scoring, tags=["scoring"])
+    @app.post("/score", response_model=ScoreResponse, responses=SCORING_ERRORS, dependencies=scoring,
+              tags=["scoring"])
     async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         """Score items: `{"text"}`, `{"prompt", "response"}` (concatenated, as in TRL) or `{"messages"}`."""
         started = time.monotonic()
@@ -204,7 +228,8 @@ def create_app(settings: ServeSettings, backend: ScoringBackend | None = None) -
                 normalized=body.normalize,
             )
 
-    @app.post("/compare", response_model=CompareResponse, dependencies=scoring, tags=["scoring"])
+    @app.post("/compare", response_model=CompareResponse, responses=SCORING_ERRORS, dependencies=scoring,
+              tags=["scoring"])
     async def compare(body: CompareRequest, request: Request) -> CompareResponse:
         """Preference margins r(chosen) - r(rejected) and sigmoid(margin), for evaluation and best-of-n."""
         started = time.monotonic()
@@ -233,7 +258,8 @@ def create_app(settings: ServeSettings, backend: ScoringBackend | None = None) -
                 rejected_scores=rejected, model=info.name, model_version=info.version,
             )
 
-    @app.post("/get_reward", response_model=GetRewardResponse, dependencies=scoring, tags=["scoring"])
+    @app.post("/get_reward", response_model=GetRewardResponse, responses=SCORING_ERRORS, dependencies=scoring,
+              tags=["scoring"])
     async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardResponse:
         """OpenRLHF's remote reward protocol: `--remote_rm_url http://HOST:PORT/get_reward`."""
         started = time.monotonic()
@@ -250,14 +276,14 @@ def create_app(settings: ServeSettings, backend: ScoringBackend | None = None) -
             )
             return GetRewardResponse(rewards=scored.scores, scores=scored.scores, extra_logs={})
 
-    @app.get("/healthz", tags=["probes"])
+    @app.get("/healthz", responses={503: {"description": "loading the model failed"}}, tags=["probes"])
     async def healthz() -> JSONResponse:
         """The process is alive (never waits on the model)."""
         phase = runtime.lifecycle.phase
         return JSONResponse({"status": "failed" if phase is Phase.FAILED else "alive", "phase": phase.value},
                             status_code=503 if phase is Phase.FAILED else 200)
 
-    @app.get("/readyz", tags=["probes"])
+    @app.get("/readyz", responses={503: {"description": "loading, failed or shutting down"}}, tags=["probes"])
     async def readyz() -> JSONResponse:
         """200 once the model is loaded and warmed up; 503 before, and from the moment shutdown begins."""
         lifecycle = runtime.lifecycle
@@ -283,7 +309,7 @@ def create_app(settings: ServeSettings, backend: ScoringBackend | None = None) -
             ready=runtime.lifecycle.ready,
         )
 
-    @app.get("/metrics", tags=["probes"])
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["probes"])
     async def metrics() -> Response:
         """Prometheus text format."""
         content, media_type = runtime.metrics.render()

@@ -6,7 +6,11 @@ Routes raise these; one exception handler turns them into JSON ``{"detail": ...}
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Sequence
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ServiceError(Exception):
@@ -84,3 +88,23 @@ class Unavailable(ServiceError):
 class TimedOut(ServiceError):
     status_code = 504
     kind = "timeout"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` made renderable as strict UTF-8 JSON, for error bodies that echo what the client sent.
+
+    A client can send what Python's JSON parser accepts but no JSON response may hold: NaN and +-Infinity (also
+    from ``1e999``), lone surrogates (``"\\ud800"``), and, under a non-JSON content type, raw bytes that are not
+    UTF-8. Non-finite numbers become their names as strings, lone surrogates U+FFFD, undecodable bytes U+FFFD.
+    """
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {json_safe(k) if isinstance(k, str) else k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

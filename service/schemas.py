@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+
+
+def _unicode_text(value: str) -> str:
+    """JSON may carry lone surrogates (``"\\ud800"``); they are not text, and no tokenizer takes them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"not valid Unicode text: a lone surrogate (U+{ord(value[exc.start]):04X}) at position {exc.start}"
+        ) from None
+    return value
+
+
+# A string that a tokenizer can take: strict (no coercion from numbers) and valid Unicode.
+Text = Annotated[StrictStr, AfterValidator(_unicode_text)]
 
 
 class Message(BaseModel):
@@ -12,8 +27,8 @@ class Message(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    role: StrictStr
-    content: StrictStr
+    role: Text
+    content: Text
 
 
 class ScoreItem(BaseModel):
@@ -21,9 +36,9 @@ class ScoreItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"prompt": "2+2=", "response": "4"}]})
 
-    text: Optional[StrictStr] = None
-    prompt: Optional[StrictStr] = None
-    response: Optional[StrictStr] = None
+    text: Optional[Text] = None
+    prompt: Optional[Text] = None
+    response: Optional[Text] = None
     messages: Optional[list[Message]] = Field(None, min_length=1)
 
     @model_validator(mode="after")
@@ -65,7 +80,7 @@ class ScoreResponse(BaseModel):
     normalized: bool = False
 
 
-Side = Union[StrictStr, list[Message]]
+Side = Union[Text, list[Message]]
 
 
 class PreferencePair(BaseModel):
@@ -73,7 +88,7 @@ class PreferencePair(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: Optional[Union[StrictStr, list[Message]]] = None
+    prompt: Optional[Union[Text, list[Message]]] = None
     chosen: Side
     rejected: Side
 
@@ -116,7 +131,7 @@ class GetRewardRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    query: list[StrictStr] = Field(min_length=1, description="prompt + response, already concatenated")
+    query: list[Text] = Field(min_length=1, description="prompt + response, already concatenated")
     prompts: Optional[list[Any]] = Field(None, description="accepted and ignored")
     labels: Optional[list[Any]] = Field(None, description="accepted and ignored")
 

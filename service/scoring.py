@@ -19,6 +19,13 @@ from service.batching import Batcher, BatcherClosed, ForwardFailed, QueueFull, R
 from service.errors import ClientGone, InvalidInput, Overloaded, PayloadTooLarge, ScoringFailed, TimedOut, Unavailable
 from training.formatting import Encoded, FormattingError
 
+try:  # transformers renders chat templates with jinja2 (installed with torch)
+    from jinja2.exceptions import TemplateError
+except ImportError:  # pragma: no cover - then no chat template can be rendered at all
+
+    class TemplateError(Exception):  # type: ignore[no-redef]
+        pass
+
 WaitForDisconnect = Callable[[], Awaitable[None]]
 
 
@@ -82,9 +89,14 @@ class Scorer:
         out = []
         for item, loc in zip(items, locs):
             try:
-                out.append(self.encoder.encode(item))
+                encoded = self.encoder.encode(item)
             except FormattingError as exc:
                 raise InvalidInput(list(loc), str(exc)) from exc
+            except TemplateError as exc:  # e.g. raise_exception('roles must alternate') in the model's template
+                raise InvalidInput(list(loc), f"the model's chat template refused these messages: {exc}") from exc
+            if not encoded.input_ids:  # e.g. a template that renders nothing for these roles: nothing to score
+                raise InvalidInput(list(loc), "the item has no tokens once formatted for this model; nothing to score")
+            out.append(encoded)
         return out
 
     async def _wait(
