@@ -139,6 +139,8 @@ def train(script_args: ScriptArguments, training_args, model_args) -> TrainResul
     from training.checkpoint import load_checkpoint
     from training.evaluate import evaluate_pairs
 
+    if getattr(training_args, "trust_remote_code", False):
+        raise CheckpointError("--trust_remote_code is not supported: checkpoints must load (and be served) without remote code")
     base_model = model_args.model_name_or_path or default_base_model()
     tokenizer = load_tokenizer(base_model)
 
