@@ -309,8 +309,9 @@ def image_environment(tmp: Path) -> tuple[list[str], dict[str, str], Callable[[s
     (tmp / "tmp").mkdir(exist_ok=True)
 
     def localize(value: str) -> str:
-        value = value.replace(image_venv, sys.prefix)
-        return re.sub(r"(^|:)/tmp(?=/|$|:)", lambda m: m.group(1) + str(tmp / "tmp"), value)
+        # /tmp first: this checkout (and so sys.prefix) may itself live under /tmp.
+        value = re.sub(r"(^|:)/tmp(?=/|$|:)", lambda m: m.group(1) + str(tmp / "tmp"), value)
+        return value.replace(image_venv, sys.prefix)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("REWARD_")}
     env.update({key: localize(value) for key, value in config.env.items()})
