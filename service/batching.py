@@ -76,7 +76,7 @@ class BatchTooLarge(Exception):
 # -- configuration and observation -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BatchLimits:
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = 2048
     max_batch_size: int = 32
     max_wait_s: float = 0.005
     max_queue_tokens: int = 262_144

@@ -1,7 +1,7 @@
 """Everything ``reward-serve`` can be told, as one settings object.
 
-Every field is a command-line flag (``--max-batch-tokens 8192``) and an environment variable
-(``REWARD_MAX_BATCH_TOKENS=8192``); flags win over the environment, the environment over the defaults.
+Every field is a command-line flag (``--max-batch-tokens 2048``) and an environment variable
+(``REWARD_MAX_BATCH_TOKENS=2048``); flags win over the environment, the environment over the defaults.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ServeSettings(BaseSettings):
     log_level: LogLevel = Field("info", description="log level")
 
     # -- batching -------------------------------------------------------------------------------------------
-    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward pass (longest item x items)")
+    max_batch_tokens: int = Field(2048, ge=1, description="padded tokens per forward pass (longest item x items)")
     max_batch_size: int = Field(32, ge=1, description="items per forward pass")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a short queue waits for more items before a forward")
 

@@ -126,7 +126,7 @@ def test_probes_info_metrics_and_docs(client):
     assert info["dtype"] == "float32" and info["device"] == "cpu"
     assert info["formatting"]["architecture"] == "encoder" and info["formatting"]["max_length"] == 64
     assert info["normalization"] == NORMALIZATION
-    assert info["batching"]["max_batch_tokens"] == 8192 and info["batching"]["max_wait_ms"] == 1
+    assert info["batching"]["max_batch_tokens"] == 2048 and info["batching"]["max_wait_ms"] == 1
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text

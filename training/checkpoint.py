@@ -205,7 +205,7 @@ def forward_scores(checkpoint: RewardCheckpoint, batch: Sequence[Sequence[int]])
 
 
 def score_all(
-    checkpoint: RewardCheckpoint, sequences: Sequence[Sequence[int]], *, max_batch_tokens: int = 8192, progress=None
+    checkpoint: RewardCheckpoint, sequences: Sequence[Sequence[int]], *, max_batch_tokens: int = 2048, progress=None
 ) -> list[float]:
     """Score many sequences in length-sorted, token-budgeted batches; results in input order."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))

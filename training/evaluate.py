@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 from training.checkpoint import CheckpointError, RewardCheckpoint, load_checkpoint, score_all
 from training.formatting import FormattingError
 
-DEFAULT_MAX_BATCH_TOKENS = 8192
+DEFAULT_MAX_BATCH_TOKENS = 2048
 
 
 class EvaluationError(ValueError):
