@@ -48,6 +48,8 @@ def run_pass(checkpoint: Any, sequences: Sequence[Sequence[int]], batches: list[
         "forwards": len(order),
         "mean_items_per_forward": texts / len(order),
         "padding_efficiency": real / padded,
+        "forward_busy": 1.0,
+        "forward_padded_tokens_per_s": padded / elapsed,
         "cpu": cpu,
     }
 

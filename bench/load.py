@@ -47,6 +47,7 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
     dropped: int = 0  # open loop: arrivals not sent because max_in_flight requests were outstanding
     open_loop: bool = False
+    snapshots: list[tuple[float, Any]] = field(default_factory=list)  # scrape() at the window's start and end
 
     def summary(self) -> dict[str, Any]:
         lo, hi = self.window
@@ -58,6 +59,16 @@ class LoadResult:
             counted = [r for r in self.records if lo <= r.done <= hi]
             seconds = hi - lo
         ok = [r for r in counted if r.ok]
+        texts_per_s = sum(r.texts for r in ok) / seconds if seconds > 0 else 0.0
+        tokens_per_s = sum(r.tokens for r in ok) / seconds if seconds > 0 else 0.0
+        if not self.open_loop and len(ok) >= 3:
+            # From the first to the last answer in the window rather than edge to edge: with few large requests
+            # (4 clients x 64 texts) the window edges would cut the count to whole requests.
+            first, last = min(r.done for r in ok), max(r.done for r in ok)
+            if last > first:
+                rest = [r for r in ok if r.done > first]
+                texts_per_s = sum(r.texts for r in rest) / (last - first)
+                tokens_per_s = sum(r.tokens for r in rest) / (last - first)
         latencies = sorted(r.done - r.start for r in ok)
         texts = sum(r.texts for r in ok)
         return {
@@ -67,8 +78,8 @@ class LoadResult:
             "errors": dict(self.errors),
             "dropped_arrivals": self.dropped,
             "texts": texts,
-            "texts_per_s": texts / seconds if seconds > 0 else 0.0,
-            "tokens_per_s": sum(r.tokens for r in ok) / seconds if seconds > 0 else 0.0,
+            "texts_per_s": texts_per_s,
+            "tokens_per_s": tokens_per_s,
             "latency_ms": {
                 "p50": _pct(latencies, 50),
                 "p95": _pct(latencies, 95),
@@ -104,6 +115,10 @@ class ClientError(Exception):
     pass
 
 
+class StaleConnection(ClientError):
+    """A reused connection that the server had closed: nothing was answered, the request can be resent."""
+
+
 class RawConnection:
     """One keep-alive HTTP/1.1 connection that POSTs JSON and reads a Content-Length (or chunked) answer."""
 
@@ -114,12 +129,19 @@ class RawConnection:
         self._head = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: "
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
+        reused = self.writer is not None
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
         try:
             self.writer.write(self._head.encode() + str(len(body)).encode() + b"\r\n\r\n" + body)
-            head = await self.reader.readuntil(b"\r\n\r\n")
+            try:
+                head = await self.reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as exc:
+                if reused and (not isinstance(exc, asyncio.IncompleteReadError) or not exc.partial):
+                    await self.close()
+                    raise StaleConnection(f"{exc.__class__.__name__}: {exc}") from exc
+                raise
             lines = head.decode("latin-1").split("\r\n")
             status = int(lines[0].split(" ", 2)[1])
             headers = {}
@@ -168,8 +190,16 @@ class RawPool:
         self.idle: list[RawConnection] = []
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
-        conn = self.idle.pop() if self.idle else RawConnection(self.host, self.port, self.path)
-        status, data = await conn.post(body)
+        if self.idle:
+            conn = self.idle.pop()
+            try:
+                status, data = await conn.post(body)
+            except StaleConnection:  # the server closed it while idle (keep-alive timeout): once more, on a new one
+                conn = RawConnection(self.host, self.port, self.path)
+                status, data = await conn.post(body)
+        else:
+            conn = RawConnection(self.host, self.port, self.path)
+            status, data = await conn.post(body)
         self.idle.append(conn)
         return status, data
 
@@ -223,7 +253,7 @@ async def _send(pool, payload: Payload, start: float, records: list[Record], err
         else:
             errors[str(status)] = errors.get(str(status), 0) + 1
     except (ClientError, asyncio.TimeoutError, KeyError, ValueError) as exc:
-        key = exc.__class__.__name__
+        key = f"{exc.__class__.__name__}: {str(exc)[:80]}" if isinstance(exc, ClientError) else exc.__class__.__name__
         errors[key] = errors.get(key, 0) + 1
     record = Record(start, time.perf_counter(), payload.texts, payload.tokens, ok)
     records.append(record)
@@ -231,6 +261,22 @@ async def _send(pool, payload: Payload, start: float, records: list[Record], err
 
 
 # -- scenarios ---------------------------------------------------------------------------------------------------
+async def _snapshot_at(times: Sequence[float], scrape: Callable[[], Any] | None, out: list[tuple[float, Any]]) -> None:
+    """Call ``scrape`` (blocking, so in a worker thread) at each of ``times`` (perf_counter clock)."""
+    if scrape is None:
+        return
+    loop = asyncio.get_running_loop()
+    for t in times:
+        delay = t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            data = await loop.run_in_executor(None, scrape)
+        except Exception:  # a failed scrape only loses the per-window batch statistics
+            return
+        out.append((time.perf_counter(), data))
+
+
 async def closed_loop(
     url: str,
     payloads: Sequence[Payload],
@@ -241,6 +287,7 @@ async def closed_loop(
     client: str = "raw",
     timeout: float = 120.0,
     min_requests: int = 1,
+    scrape: Callable[[], Any] | None = None,
 ) -> LoadResult:
     """``concurrency`` workers, each sending the next payload as soon as its previous answer arrived.
 
@@ -271,11 +318,15 @@ async def closed_loop(
                 if done > window[1] and in_window <= min_requests:
                     window[1] = done  # stretched until min_requests answers are in
 
+    snapshots: list[tuple[float, Any]] = []
+    snapper = asyncio.ensure_future(_snapshot_at(list(window), scrape, snapshots))
     try:
         await asyncio.wait_for(asyncio.gather(*(worker(k) for k in range(concurrency))), warmup_s + duration_s + 2 * timeout + 5)
+        await asyncio.wait_for(snapper, timeout)
     finally:
+        snapper.cancel()
         await pool.aclose()
-    return LoadResult(records, (window[0], window[1]), errors)
+    return LoadResult(records, (window[0], window[1]), errors, snapshots=snapshots)
 
 
 async def open_loop(
@@ -288,6 +339,7 @@ async def open_loop(
     client: str = "raw",
     max_in_flight: int = 512,
     timeout: float = 120.0,
+    scrape: Callable[[], Any] | None = None,
 ) -> LoadResult:
     """Requests at fixed intervals of ``1/rate`` seconds, whatever the answers do; latency counts from the
     scheduled send time (no coordinated omission)."""
@@ -299,6 +351,8 @@ async def open_loop(
     total = int(rate * (warmup_s + duration_s))
     tasks: set[asyncio.Task] = set()
     dropped = 0
+    snapshots: list[tuple[float, Any]] = []
+    snapper = asyncio.ensure_future(_snapshot_at(list(window), scrape, snapshots))
     try:
         for i in range(total):
             scheduled = start + i / rate
@@ -313,11 +367,13 @@ async def open_loop(
             task.add_done_callback(tasks.discard)
         if tasks:
             await asyncio.wait(set(tasks), timeout=timeout + 5)
+        await asyncio.wait_for(snapper, timeout)
     finally:
+        snapper.cancel()
         for task in list(tasks):
             task.cancel()
         await pool.aclose()
-    return LoadResult(records, window, errors, dropped, open_loop=True)
+    return LoadResult(records, window, errors, dropped, open_loop=True, snapshots=snapshots)
 
 
 def run(coro_factory: Callable[[], Any]) -> Any:

@@ -21,6 +21,7 @@ import argparse
 import logging
 import sys
 import threading
+import time
 from typing import Any, Sequence
 
 from fastapi import FastAPI, Request  # at module level: FastAPI resolves the handlers' annotations here
@@ -34,9 +35,11 @@ class _Stats:
         self.items = 0
         self.padded = 0
         self.real = 0
+        self.seconds = 0.0
 
-    def add(self, batch: Sequence[Sequence[int]]) -> None:
+    def add(self, batch: Sequence[Sequence[int]], seconds: float) -> None:
         with self.lock:
+            self.seconds += seconds
             self.forwards += 1
             self.items += len(batch)
             self.padded += max(len(s) for s in batch) * len(batch)
@@ -48,6 +51,7 @@ class _Stats:
                 f"reward_batch_size_count {self.forwards}\nreward_batch_size_sum {self.items}\n"
                 f"reward_batch_tokens_count {self.forwards}\nreward_batch_tokens_sum {self.padded}\n"
                 f"reward_batch_real_tokens_count {self.forwards}\nreward_batch_real_tokens_sum {self.real}\n"
+                f"reward_forward_seconds_count {self.forwards}\nreward_forward_seconds_sum {self.seconds}\n"
             )
 
 
@@ -60,8 +64,10 @@ def create_app(checkpoint: Any) -> FastAPI:
 
     def get_reward(items: list[dict[str, Any]]) -> list[float]:
         batch = [formatter.encode(item).input_ids for item in items]  # padded to the longest, unsorted
-        stats.add(batch)
-        return forward_scores(checkpoint, batch)
+        started = time.perf_counter()
+        scores = forward_scores(checkpoint, batch)
+        stats.add(batch, time.perf_counter() - started)
+        return scores
 
     @app.post("/score")
     async def score(request: Request) -> JSONResponse:

@@ -46,8 +46,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"## {dtype}",
             "",
             "| scenario | what | texts/s | tokens/s | p50 ms | p95 ms | p99 ms | items/forward | padding eff. "
-            "| × ceiling | × naive | server cores | loop cores | others' cores |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| forward busy | padded tok/s in forward | × ceiling | × naive | server cores | loop cores | others' cores |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name in ORDER:
             if name not in s:
@@ -62,7 +62,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {what} | {_f(r['texts_per_s'])} | {_f(r['tokens_per_s'], 0)} | {_f(lat.get('p50'), 0)} "
                 f"| {_f(lat.get('p95'), 0)} | {_f(lat.get('p99'), 0)} | {_f(r.get('mean_items_per_forward'))} "
-                f"| {_f(r.get('padding_efficiency'), 2)} | {_f(r.get('ratio_to_ceiling'), 2)} "
+                f"| {_f(r.get('padding_efficiency'), 2)} | {_f(r.get('forward_busy'), 2)} "
+                f"| {_f(r.get('forward_padded_tokens_per_s'), 0)} | {_f(r.get('ratio_to_ceiling'), 2)} "
                 f"| {_f(r.get('ratio_to_naive'), 2)} | {_f(cpu.get('server_cores', cpu.get('bench_process_cores')), 2)} "
                 f"| {_f(cpu.get('server_main_thread_cores'), 2)} | {_f(cpu.get('others_cores'), 2)} |"
             )
@@ -89,7 +90,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "Columns: texts/s and real (non-pad) tokens/s completed inside the measurement window; latency per request "
         "(closed loop: send to answer; open loop: from the scheduled send time); items/forward and padding "
-        "efficiency (real ÷ padded tokens) per forward pass from the server's /metrics; server cores = CPU used by "
+        "efficiency (real ÷ padded tokens) per forward pass from the server's /metrics; forward busy = share of "
+        "the window the model was computing, padded tok/s in forward = padded tokens ÷ forward seconds (lower than "
+        "the ceiling's: forwards slowed by other work on the CPU, or smaller batches); server cores = CPU used by "
         "the server process (for the ceiling: the benchmark process), loop cores = its main (event-loop) thread, "
         "others' cores = the rest of the machine (not ours) during the scenario; ⚠ marks a scenario during "
         f"which others used more than {CONTAMINATED_CORES} cores (not comparable).",

@@ -73,7 +73,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration-s", type=float, default=20.0, help="measured seconds per load scenario")
     p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each load scenario")
     p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS), help="comma-separated subset to run")
-    p.add_argument("--ceiling-batch-sizes", default="4,8,16,32", help="sorted batch sizes of the ceiling sweep")
+    p.add_argument("--ceiling-batch-sizes", default="4,8,16,32,64", help="sorted batch sizes of the ceiling sweep")
     p.add_argument("--rate", type=float, default=None, help="open-loop arrivals per second (default: --rate-fraction)")
     p.add_argument("--rate-fraction", type=float, default=0.5, help="open-loop rate as a fraction of the ceiling")
     p.add_argument("--clients", type=int, default=64, help="one-text clients (default 64)")
@@ -161,6 +161,8 @@ def run_ceiling(args: argparse.Namespace, checkpoint: Any, sequences: list[list[
         "latency_ms": None,
         "mean_items_per_forward": best["mean_items_per_forward"],
         "padding_efficiency": best["padding_efficiency"],
+        "forward_busy": best["forward_busy"],
+        "forward_padded_tokens_per_s": best["forward_padded_tokens_per_s"],
         "cpu": best["cpu"],
         **result,
     }
@@ -178,23 +180,24 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
     kind = name.split("_", 1)[1]
     lengths = pool.lengths or [0] * len(pool.items)
     url = server.url + "/score"
+    scrape = lambda: parse_metrics(server.get("/metrics"))
     if kind == "64x1":
         payloads = loadgen.build_payloads(pool.items, lengths, 1)
         coro = lambda: loadgen.closed_loop(url, payloads, concurrency=args.clients, warmup_s=args.warmup_s,
                                            duration_s=args.duration_s, client=args.client,
-                                           min_requests=args.min_requests)
+                                           min_requests=args.min_requests, scrape=scrape)
         description = f"{args.clients} closed-loop clients x 1 text per request"
     elif kind == "4x64":
         payloads = loadgen.build_payloads(pool.items, lengths, args.batch_texts)
         coro = lambda: loadgen.closed_loop(url, payloads, concurrency=args.batch_clients, warmup_s=args.warmup_s,
                                            duration_s=args.duration_s, client=args.client,
-                                           min_requests=args.min_requests)
+                                           min_requests=args.min_requests, scrape=scrape)
         description = f"{args.batch_clients} closed-loop clients x {args.batch_texts} texts per request"
     else:
         payloads = loadgen.build_payloads(pool.items, lengths, 1)
         assert rate is not None
         coro = lambda: loadgen.open_loop(url, payloads, rate=rate, warmup_s=args.warmup_s,
-                                         duration_s=args.duration_s, client=args.client)
+                                         duration_s=args.duration_s, client=args.client, scrape=scrape)
         description = f"open loop: one-text requests at a fixed {rate:.1f}/s"
     quiet(args, [server.pid] if server.pid else [])
     before = parse_metrics(server.get("/metrics"))
@@ -203,12 +206,18 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
     cpu = probe.stop()
     after = parse_metrics(server.get("/metrics"))
     summary = result.summary()
-    out = {"kind": name.split("_", 1)[0], "description": description, **summary, **batch_stats(before, after), "cpu": cpu}
+    if len(result.snapshots) == 2:  # the measurement window itself, not the warm-up
+        (t0, before), (t1, after) = result.snapshots
+        stats = batch_stats(before, after, seconds=t1 - t0)
+    else:  # no window snapshots: the whole run, warm-up included
+        stats = batch_stats(before, after, seconds=cpu["wall_s"])
+    out = {"kind": name.split("_", 1)[0], "description": description, **summary, **stats, "cpu": cpu}
     if rate is not None and kind == "open":
         out["offered_rate"] = rate
     lat = out["latency_ms"]
     log(f"  {name:<13} {out['texts_per_s']:7.1f} texts/s  p50 {lat['p50']} ms  p99 {lat['p99']} ms  "
         f"items/forward {_fmt(out['mean_items_per_forward'])}  padding eff {_fmt(out['padding_efficiency'])}  "
+        f"forward busy {_fmt(out.get('forward_busy'))}  "
         f"errors {out['errors'] or 0}  cpu {cpu}")
     return out
 

@@ -136,8 +136,10 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
-    """Mean items per forward and padding efficiency (real / padded tokens) between two scrapes."""
+def batch_stats(before: dict[str, float], after: dict[str, float], seconds: float | None = None) -> dict[str, float | None]:
+    """Mean items per forward and padding efficiency (real / padded tokens) between two scrapes; with the seconds
+    between them, also the share of that time the model was computing (``forward_busy``) and the padded tokens
+    per second of forward (``forward_padded_tokens_per_s``): a slow forward, not an idle worker, shows there."""
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -146,7 +148,11 @@ def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     items = delta("reward_batch_size_sum")
     padded = delta("reward_batch_tokens_sum")
     real = delta("reward_batch_real_tokens_sum")
+    forward_s = delta("reward_forward_seconds_sum")
+    timing = "reward_forward_seconds_sum" in after
     return {
+        "forward_busy": forward_s / seconds if timing and seconds else None,
+        "forward_padded_tokens_per_s": padded / forward_s if timing and forward_s > 0 else None,
         "forwards": forwards,
         "mean_items_per_forward": items / forwards if forwards else None,
         "mean_padded_tokens_per_forward": padded / forwards if forwards else None,

@@ -44,6 +44,7 @@ def test_every_scenario_has_positive_throughput_and_no_errors(smoke_report):
             assert result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["p99"], name
             assert result["mean_items_per_forward"] >= 1, name  # read from the server's /metrics
             assert 0 < result["padding_efficiency"] <= 1, name
+            assert result["forward_busy"] is not None and result["forward_padded_tokens_per_s"] > 0, name
 
 
 def test_ratios_batching_and_outputs(smoke_report):
