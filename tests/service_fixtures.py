@@ -301,3 +301,20 @@ class ControlledBackend:
 
     def computed_tokens(self) -> set[int]:
         return {t for batch in self.batches for ids in batch for t in ids}
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_reward_checkpoint: Path) -> ControlledBackend:
+    return ControlledBackend(tiny_reward_checkpoint)
+
+
+@pytest.fixture
+def controlled(backend: ControlledBackend):
+    """The module's controllable backend, with its gates open and its records cleared for each test."""
+    backend.gate.set()
+    backend.warm_gate.set()
+    backend.in_forward.clear()
+    backend.batches.clear()
+    yield backend
+    backend.gate.set()
+    backend.warm_gate.set()

@@ -13,28 +13,14 @@ from service_fixtures import (  # noqa: F401  (fixtures)
     ControlledBackend,
     ThreadedServer,
     app_client,
+    backend,
+    controlled,
     make_settings,
     metric_value,
     tiny_reward_checkpoint,
 )
 
 ITEM = {"text": "hello world"}  # [CLS] hello world [SEP]: 4 tokens
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_reward_checkpoint: Path) -> ControlledBackend:
-    return ControlledBackend(tiny_reward_checkpoint)
-
-
-@pytest.fixture
-def controlled(backend: ControlledBackend):
-    backend.gate.set()
-    backend.warm_gate.set()
-    backend.in_forward.clear()
-    backend.batches.clear()
-    yield backend
-    backend.gate.set()
-    backend.warm_gate.set()
 
 
 def wait_until(condition, timeout: float = 10.0, what: str = "condition") -> None:

@@ -21,6 +21,8 @@ from service_fixtures import (  # noqa: F401  (fixtures)
     ControlledBackend,
     ThreadedServer,
     app_client,
+    backend,
+    controlled,
     make_settings,
     metric_value,
     tiny_reward_checkpoint,
@@ -28,21 +30,6 @@ from service_fixtures import (  # noqa: F401  (fixtures)
 
 ITEM = {"text": "hello world"}  # [CLS] hello world [SEP]: 4 tokens
 SECRET = "qwxzyplughsecret"  # must never reach a log line
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_reward_checkpoint: Path) -> ControlledBackend:
-    return ControlledBackend(tiny_reward_checkpoint)
-
-
-@pytest.fixture
-def controlled(backend: ControlledBackend):
-    backend.gate.set()
-    backend.warm_gate.set()
-    backend.in_forward.clear()
-    backend.batches.clear()
-    yield backend
-    backend.gate.set()
 
 
 def test_compare_limits_name_the_pair_and_field(tiny_reward_checkpoint):
