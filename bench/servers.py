@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,14 @@ from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 _PORT = re.compile(r"Uvicorn running on http://[\w.\[\]:]+?:(\d+)")
+
+
+def _port_arg(argv: Sequence[str]) -> str | None:
+    """The port given on the command line, unless it is 0 (then the log says which one was picked)."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--port" and value != "0":
+            return value
+    return None
 
 
 class ServerError(RuntimeError):
@@ -70,9 +79,9 @@ class Server:
                 if self.proc.poll() is not None:
                     raise ServerError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
                 if self.url is None:
-                    match = _PORT.search(self.log_path.read_text(errors="replace"))
+                    match = _port_arg(self.argv) or _PORT.search(self.log_path.read_text(errors="replace"))
                     if match:
-                        self.url = f"http://127.0.0.1:{match.group(1)}"
+                        self.url = f"http://127.0.0.1:{match if isinstance(match, str) else match.group(1)}"
                 if self.url is not None and self._ready():
                     return self
                 time.sleep(0.1)  # polling interval; the deadline bounds the wait
@@ -109,15 +118,22 @@ class Server:
             return self.proc.wait(10)
 
 
+def free_port() -> int:
+    """A port nobody listens on now (so the server's log level does not matter for finding it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def service_argv(checkpoint: Path, dtype: str, extra: Sequence[str] = ()) -> list[str]:
     """``reward-serve`` as a module, so the benchmark runs the checkout it lives in."""
-    return [sys.executable, "-m", "service.cli", "--model", str(checkpoint), "--host", "127.0.0.1", "--port", "0",
-            "--dtype", dtype, *extra]
+    return [sys.executable, "-m", "service.cli", "--model", str(checkpoint), "--host", "127.0.0.1",
+            "--port", str(free_port()), "--dtype", dtype, *extra]
 
 
 def naive_argv(checkpoint: Path, dtype: str, extra: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "-m", "bench.naive_server", "--model", str(checkpoint), "--host", "127.0.0.1",
-            "--port", "0", "--dtype", dtype, *extra]
+            "--port", str(free_port()), "--dtype", dtype, *extra]
 
 
 # -- /metrics ----------------------------------------------------------------------------------------------------
