@@ -26,8 +26,8 @@ logger = logging.getLogger("reward-train")
 
 # The recipe tuned on hh-rlhf harmless pairs with the default base model (see README, "Quality").
 DEFAULT_MAX_LENGTH = 256
-DEFAULT_LEARNING_RATE = 5e-5
-DEFAULT_EPOCHS = 2.0
+DEFAULT_LEARNING_RATE = 2e-5
+DEFAULT_EPOCHS = 1.0
 
 
 @dataclass
