@@ -82,7 +82,9 @@ class ServiceRuntime:
     @property
     def limits(self) -> BatchLimits:
         s = self.settings
-        return BatchLimits(s.max_batch_tokens, s.max_batch_size, s.max_wait_ms / 1000.0, s.max_queue_tokens)
+        return BatchLimits(
+            s.max_batch_tokens, s.max_batch_size, s.max_wait_ms / 1000.0, s.max_queue_tokens, s.batch_overhead_tokens
+        )
 
     @property
     def info(self) -> ModelInfo:
@@ -153,9 +155,10 @@ def _log_loaded(info: ModelInfo, limits: BatchLimits, s: ServeSettings, seconds:
         recipe.get("append_eos"), info.normalization or "none",
     )
     logger.info(
-        "batching: max_batch_tokens %d, max_batch_size %d, max_wait %.1f ms, max_queue_tokens %d; "
+        "batching: max_batch_tokens %d, max_batch_size %d, max_wait %.1f ms, max_queue_tokens %d, overhead_tokens %d; "
         "limits: %d items/request, %d body bytes, %d chars/text, timeout %g s; api key %s",
         limits.max_batch_tokens, limits.max_batch_size, limits.max_wait_s * 1000, limits.max_queue_tokens,
+        limits.overhead_tokens,
         s.max_items_per_request, s.max_body_bytes, s.max_text_chars, s.request_timeout_s,
         "required" if s.api_key is not None else "not required",
     )

@@ -10,8 +10,10 @@ How a batch is formed:
 - it always contains the oldest waiting item, so no item waits behind a stream of others (shortest-first batching
   starved long texts);
 - around it, items of similar length are added (the waiting items sorted by length, the neighbour that adds the
-  least padding first) while ``padded tokens = longest x count`` stays within ``max_batch_tokens`` and the count
-  within ``max_batch_size``;
+  least padding first) while ``padded tokens = longest x count`` stays within ``max_batch_tokens``, the count
+  within ``max_batch_size``, and each addition raises ``real tokens / (overhead_tokens + padded tokens)``: with
+  a forward's fixed cost expressed as ``overhead_tokens``, an item that would add more padding than it saves in
+  per-forward cost is left for a later batch of its own length;
 - when the queue is short, the worker waits up to ``max_wait`` (counted from the oldest item's arrival) for more;
   while a batch runs, the next one fills;
 - items of a request that is gone (its future cancelled: timeout, client disconnect) are skipped, never computed.
@@ -80,6 +82,7 @@ class BatchLimits:
     max_batch_size: int = 32
     max_wait_s: float = 0.005
     max_queue_tokens: int = 262_144
+    overhead_tokens: int = 0  # a forward's fixed cost in tokens: a batch stops growing when padding costs more
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,9 @@ class Batcher:
         lo = hi = pos
         width = oldest.length
         count = 1
+        real = width
         max_tokens, max_size = self.limits.max_batch_tokens, self.limits.max_batch_size
+        overhead = self.limits.overhead_tokens
         while count < max_size:
             left = by_length[lo - 1] if lo > 0 else None
             right = by_length[hi + 1] if hi + 1 < len(by_length) else None
@@ -297,11 +302,16 @@ class Batcher:
             )
             if left_cost is None and right_cost is None:
                 break
-            if right_cost is None or (left_cost is not None and left_cost <= right_cost):
+            take_left = right_cost is None or (left_cost is not None and left_cost <= right_cost)
+            added, new_width = (left.length, width) if take_left else (right.length, right.length)  # type: ignore[union-attr]
+            if overhead and (real + added) * (overhead + width * count) < real * (overhead + new_width * (count + 1)):
+                break  # real / (overhead + padded) would drop: this batch is as efficient as it gets
+            if take_left:
                 lo -= 1
             else:
                 hi += 1
-                width = right.length
+            width = new_width
+            real += added
             count += 1
         batch = by_length[lo : hi + 1]
         chosen = set(map(id, batch))

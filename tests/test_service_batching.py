@@ -123,6 +123,26 @@ def test_each_batch_holds_the_oldest_item_and_groups_similar_lengths():
     assert sorted(batches[2]) == [8, 53]
 
 
+@pytest.mark.parametrize("overhead, expected_batches", [(0, [[10, 10, 10, 40]]), (16, [[10, 10, 10], [40]])])
+def test_overhead_tokens_leave_an_item_that_costs_more_padding_than_it_saves(overhead, expected_batches):
+    forward = RecordingForward()
+    forward.release.clear()
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=8, max_wait_s=0.0, overhead_tokens=overhead)
+    batcher = Batcher(forward, limits).start()
+
+    async def main():
+        blocker = batcher.submit([seq(0, 2)])
+        await asyncio.to_thread(forward.entered.wait, 5)
+        futures = [batcher.submit([seq(100 + i, n)]) for i, n in enumerate([10, 10, 10, 40])]
+        forward.release.set()
+        await asyncio.gather(blocker, *futures)
+
+    run(main())
+    batcher.stop(5)
+    # 3 x 10 real in 16 + 30 padded (0.65) against 70 real in 16 + 160 padded (0.40): without an overhead the 40 joins
+    assert [sorted(len(ids) for ids in b) for b in forward.batches[1:]] == expected_batches
+
+
 def test_a_long_item_is_not_starved_by_a_stream_of_short_ones():
     forward = RecordingForward()
     forward.release.clear()
