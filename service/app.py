@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.backend import CheckpointBackend, ModelInfo, ScoringBackend
-from service.batching import Batcher, BatchLimits, measure_forward_costs
+from service.batching import Batcher, BatchLimits, measure_overhead_tokens
 from service.errors import InvalidInput, ServiceError, Unauthorized, Unavailable, json_safe
 from service.lifecycle import Lifecycle, Phase
 from service.metrics import ServiceMetrics
@@ -72,7 +72,7 @@ class ServiceRuntime:
         self.scorer: Scorer | None = None
         self._loaded = threading.Event()
         self._loader: threading.Thread | None = None
-        self._forward_costs: tuple[tuple[int, float], ...] = ()  # measured at load time unless an overhead is set
+        self._overhead_tokens = settings.batch_overhead_tokens  # measured at load time when unset
         self.metrics.in_flight.set_function(lambda: self.lifecycle.accepted)
         self.metrics.ready.set_function(lambda: 1.0 if self.lifecycle.ready else 0.0)
         self.metrics.watch_queue(
@@ -84,8 +84,7 @@ class ServiceRuntime:
     def limits(self) -> BatchLimits:
         s = self.settings
         return BatchLimits(
-            s.max_batch_tokens, s.max_batch_size, s.max_wait_ms / 1000.0, s.max_queue_tokens,
-            s.batch_overhead_tokens or 0, self._forward_costs,
+            s.max_batch_tokens, s.max_batch_size, s.max_wait_ms / 1000.0, s.max_queue_tokens, self._overhead_tokens or 0
         )
 
     @property
@@ -122,9 +121,9 @@ class ServiceRuntime:
                     truncation_side=s.truncation_side,
                 )
             self.backend.warm_up()
-            if s.batch_overhead_tokens is None:
+            if self._overhead_tokens is None:
                 sample = self.backend.formatter.encode({"text": "How much does one forward pass cost?"}).input_ids
-                self._forward_costs = measure_forward_costs(self.backend.forward, sample, s.max_batch_tokens)
+                self._overhead_tokens = measure_overhead_tokens(self.backend.forward, sample, limit=s.max_batch_tokens)
             info = self.backend.info
             self.batcher = Batcher(self.backend.forward, self.limits, observer=self.metrics).start()
             self.scorer = Scorer(self.backend.formatter, self.batcher, request_timeout_s=s.request_timeout_s)
@@ -146,12 +145,6 @@ class ServiceRuntime:
         logger.info("reward service stopped")
 
 
-def _describe_cost(limits: BatchLimits) -> str:
-    if limits.forward_costs:
-        return "measured (" + ", ".join(f"{tokens} tokens {seconds * 1000:.1f} ms" for tokens, seconds in limits.forward_costs) + ")"
-    return f"{limits.overhead_tokens} + padded tokens" if limits.overhead_tokens else "not weighed (batches fill)"
-
-
 def _log_loaded(info: ModelInfo, limits: BatchLimits, s: ServeSettings, seconds: float) -> None:
     recipe = info.formatting
     logger.info(
@@ -166,10 +159,10 @@ def _log_loaded(info: ModelInfo, limits: BatchLimits, s: ServeSettings, seconds:
         recipe.get("append_eos"), info.normalization or "none",
     )
     logger.info(
-        "batching: max_batch_tokens %d, max_batch_size %d, max_wait %.1f ms, max_queue_tokens %d, forward cost %s; "
+        "batching: max_batch_tokens %d, max_batch_size %d, max_wait %.1f ms, max_queue_tokens %d, overhead_tokens %d; "
         "limits: %d items/request, %d body bytes, %d chars/text, timeout %g s; api key %s",
         limits.max_batch_tokens, limits.max_batch_size, limits.max_wait_s * 1000, limits.max_queue_tokens,
-        _describe_cost(limits),
+        limits.overhead_tokens,
         s.max_items_per_request, s.max_body_bytes, s.max_text_chars, s.request_timeout_s,
         "required" if s.api_key is not None else "not required",
     )
@@ -317,8 +310,7 @@ def create_app(settings: ServeSettings, backend: ScoringBackend | None = None) -
             reward_label=model.reward_label, formatting=model.formatting, normalization=model.normalization,
             batching={"max_batch_tokens": limits.max_batch_tokens, "max_batch_size": limits.max_batch_size,
                       "max_wait_ms": limits.max_wait_s * 1000, "max_queue_tokens": limits.max_queue_tokens,
-                      "overhead_tokens": limits.overhead_tokens if not limits.forward_costs else None,
-                      "forward_costs_ms": [[tokens, round(seconds * 1000, 3)] for tokens, seconds in limits.forward_costs]},
+                      "overhead_tokens": limits.overhead_tokens},
             limits={"max_items_per_request": s.max_items_per_request, "max_body_bytes": s.max_body_bytes,
                     "max_text_chars": s.max_text_chars, "request_timeout_s": s.request_timeout_s,
                     "api_key_required": s.api_key is not None},

@@ -11,10 +11,9 @@ How a batch is formed:
   starved long texts);
 - around it, items of similar length are added (the waiting items sorted by length, the neighbour that adds the
   least padding first) while ``padded tokens = longest x count`` stays within ``max_batch_tokens``, the count
-  within ``max_batch_size``, and each addition raises ``real tokens / cost(padded tokens)``, the forward's cost
-  taken from ``forward_costs`` (measured on the device: the cost per token falls with batch size on some
-  hardware and rises on other) or, without them, ``overhead_tokens + padded tokens``; an item that would add more
-  padding than it saves is left for a later batch of its own length;
+  within ``max_batch_size``, and each addition raises ``real tokens / (overhead_tokens + padded tokens)``: with
+  a forward's fixed cost expressed as ``overhead_tokens``, an item that would add more padding than it saves in
+  per-forward cost is left for a later batch of its own length;
 - when the queue is short, the worker waits up to ``max_wait`` (counted from the oldest item's arrival) for more;
   while a batch runs, the next one fills;
 - items of a request that is gone (its future cancelled: timeout, client disconnect) are skipped, never computed.
@@ -84,23 +83,6 @@ class BatchLimits:
     max_wait_s: float = 0.005
     max_queue_tokens: int = 262_144
     overhead_tokens: int = 0  # a forward's fixed cost in tokens: a batch stops growing when padding costs more
-    forward_costs: tuple[tuple[int, float], ...] = ()  # measured (padded tokens, seconds); replaces overhead_tokens
-
-    @property
-    def weighs_cost(self) -> bool:
-        return bool(self.forward_costs) or self.overhead_tokens > 0
-
-    def cost(self, padded_tokens: int) -> float:
-        """What a forward over ``padded_tokens`` costs, in the measured seconds or in tokens."""
-        if not self.forward_costs:
-            return self.overhead_tokens + padded_tokens
-        points = self.forward_costs
-        if len(points) == 1:
-            return points[0][1] * padded_tokens / max(1, points[0][0])
-        i = next((k for k in range(1, len(points) - 1) if padded_tokens <= points[k][0]), len(points) - 1)
-        (x0, y0), (x1, y1) = points[i - 1], points[i]
-        slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
-        return max(1e-9, y0 + slope * (padded_tokens - x0))
 
 
 @dataclass(frozen=True)
@@ -119,19 +101,22 @@ class BatchObserver(Protocol):
     def batch_done(self, report: BatchReport) -> None: ...
 
 
-def measure_forward_costs(
+def measure_overhead_tokens(
     forward: Forward,
     sample: Sequence[int],
-    max_tokens: int,
     *,
     width: int = 128,
+    count: int = 8,
     repeats: int = 3,
+    limit: int | None = None,
     clock: Callable[[], float] = time.perf_counter,
-) -> tuple[tuple[int, float], ...]:
-    """How long ``forward`` takes as batches grow: (padded tokens, best-of-``repeats`` seconds) points.
+) -> int:
+    """A forward pass's fixed cost expressed in tokens, measured on ``forward`` itself (for ``overhead_tokens``).
 
-    One 16-token sequence, then 1, 2, 4, ... sequences of ``width`` tokens (``sample``'s ids repeated) up to
-    ``max_tokens``. Times are made non-decreasing, so noise cannot make a larger batch look cheaper than a smaller.
+    Times (best of ``repeats``) one 16-token sequence and ``count`` sequences of ``width`` tokens, built by repeating
+    ``sample``'s ids: the slope between the two is the cost of a token, the intercept the cost of a forward. On a CPU
+    that is a few hundred tokens; on a GPU, where a token costs next to nothing, it exceeds any batch (capped at
+    ``limit``), so batches fill to the token budget.
     """
     if not sample:
         raise ValueError("sample needs at least one token id")
@@ -139,22 +124,22 @@ def measure_forward_costs(
     def ids(n: int) -> list[int]:
         return [sample[i % len(sample)] for i in range(n)]
 
-    shapes = [(1, min(16, max_tokens))]
-    count = 1
-    while count * width <= max_tokens:
-        shapes.append((count, width))
-        count *= 2
-    points: list[tuple[int, float]] = []
-    for count, length in shapes:
-        batch = [ids(length) for _ in range(count)]
+    def best_seconds(batch: list[list[int]]) -> float:
         times = []
         for _ in range(repeats):
             started = clock()
             forward(batch)
             times.append(clock() - started)
-        seconds = max(min(times), points[-1][1] if points else 0.0)
-        points.append((count * length, seconds))
-    return tuple(points)
+        return min(times)
+
+    small_tokens, big_tokens = 16, width * count
+    small = best_seconds([ids(small_tokens)])
+    big = best_seconds([ids(width) for _ in range(count)])
+    per_token = (big - small) / (big_tokens - small_tokens)
+    if per_token <= 0:
+        return limit if limit is not None else big_tokens
+    overhead = max(0, round((small - per_token * small_tokens) / per_token))
+    return min(overhead, limit) if limit is not None else overhead
 
 
 # -- internals ---------------------------------------------------------------------------------------------------
@@ -345,7 +330,7 @@ class Batcher:
         count = 1
         real = width
         max_tokens, max_size = self.limits.max_batch_tokens, self.limits.max_batch_size
-        limits = self.limits
+        overhead = self.limits.overhead_tokens
         while count < max_size:
             left = by_length[lo - 1] if lo > 0 else None
             right = by_length[hi + 1] if hi + 1 < len(by_length) else None
@@ -360,10 +345,8 @@ class Batcher:
                 break
             take_left = right_cost is None or (left_cost is not None and left_cost <= right_cost)
             added, new_width = (left.length, width) if take_left else (right.length, right.length)  # type: ignore[union-attr]
-            if limits.weighs_cost and (real + added) * limits.cost(width * count) < real * limits.cost(
-                new_width * (count + 1)
-            ):
-                break  # real / cost(padded) would drop: this batch is as efficient as it gets
+            if overhead and (real + added) * (overhead + width * count) < real * (overhead + new_width * (count + 1)):
+                break  # real / (overhead + padded) would drop: this batch is as efficient as it gets
             if take_left:
                 lo -= 1
             else:

@@ -61,8 +61,7 @@ class ServeSettings(BaseSettings):
         None,
         ge=0,
         description="a forward pass's fixed cost in tokens: a batch stops growing when one more item would lower "
-        "real tokens / (this + padded tokens); 0 fills batches to the limits; unset: the forward's cost at several "
-        "batch sizes is measured at start-up and used instead",
+        "real tokens / (this + padded tokens); 0 fills batches to the limits; unset: measured at start-up",
     )
 
     # -- limits ---------------------------------------------------------------------------------------------

@@ -127,9 +127,7 @@ def test_probes_info_metrics_and_docs(client):
     assert info["formatting"]["architecture"] == "encoder" and info["formatting"]["max_length"] == 64
     assert info["normalization"] == NORMALIZATION
     assert info["batching"]["max_batch_tokens"] == 2048 and info["batching"]["max_wait_ms"] == 1
-    costs = info["batching"]["forward_costs_ms"]  # measured at start-up (no overhead set)
-    assert [tokens for tokens, _ in costs] == [16, 128, 256, 512, 1024, 2048]
-    assert all(ms > 0 for _, ms in costs) and [ms for _, ms in costs] == sorted(ms for _, ms in costs)
+    assert 0 <= info["batching"]["overhead_tokens"] <= 2048  # measured at start-up (not set)
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
@@ -262,5 +260,4 @@ def test_every_setting_is_a_flag_and_an_environment_variable(monkeypatch):
 
 def test_a_set_batch_overhead_is_used_as_is(tiny_reward_checkpoint):
     with app_client(make_settings(tiny_reward_checkpoint, batch_overhead_tokens=77)) as c:
-        batching = c.get("/info").json()["batching"]
-        assert batching["overhead_tokens"] == 77 and batching["forward_costs_ms"] == []
+        assert c.get("/info").json()["batching"]["overhead_tokens"] == 77
