@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.backend import CheckpointBackend, ModelInfo, ScoringBackend
-from service.batching import Batcher, BatchLimits, measure_overhead_tokens
+from service.batching import Batcher, BatchLimits
 from service.errors import InvalidInput, ServiceError, Unauthorized, Unavailable, json_safe
 from service.lifecycle import Lifecycle, Phase
 from service.metrics import ServiceMetrics
@@ -72,7 +72,6 @@ class ServiceRuntime:
         self.scorer: Scorer | None = None
         self._loaded = threading.Event()
         self._loader: threading.Thread | None = None
-        self._overhead_tokens = settings.batch_overhead_tokens  # measured at load time when unset
         self.metrics.in_flight.set_function(lambda: self.lifecycle.accepted)
         self.metrics.ready.set_function(lambda: 1.0 if self.lifecycle.ready else 0.0)
         self.metrics.watch_queue(
@@ -84,7 +83,7 @@ class ServiceRuntime:
     def limits(self) -> BatchLimits:
         s = self.settings
         return BatchLimits(
-            s.max_batch_tokens, s.max_batch_size, s.max_wait_ms / 1000.0, s.max_queue_tokens, self._overhead_tokens or 0
+            s.max_batch_tokens, s.max_batch_size, s.max_wait_ms / 1000.0, s.max_queue_tokens, s.batch_overhead_tokens
         )
 
     @property
@@ -121,9 +120,6 @@ class ServiceRuntime:
                     truncation_side=s.truncation_side,
                 )
             self.backend.warm_up()
-            if self._overhead_tokens is None:
-                sample = self.backend.formatter.encode({"text": "How much does one forward pass cost?"}).input_ids
-                self._overhead_tokens = measure_overhead_tokens(self.backend.forward, sample, limit=s.max_batch_tokens)
             info = self.backend.info
             self.batcher = Batcher(self.backend.forward, self.limits, observer=self.metrics).start()
             self.scorer = Scorer(self.backend.formatter, self.batcher, request_timeout_s=s.request_timeout_s)
@@ -309,8 +305,7 @@ def create_app(settings: ServeSettings, backend: ScoringBackend | None = None) -
             device=model.device, has_manifest=model.has_manifest, base_model=model.base_model,
             reward_label=model.reward_label, formatting=model.formatting, normalization=model.normalization,
             batching={"max_batch_tokens": limits.max_batch_tokens, "max_batch_size": limits.max_batch_size,
-                      "max_wait_ms": limits.max_wait_s * 1000, "max_queue_tokens": limits.max_queue_tokens,
-                      "overhead_tokens": limits.overhead_tokens},
+                      "max_wait_ms": limits.max_wait_s * 1000, "max_queue_tokens": limits.max_queue_tokens},
             limits={"max_items_per_request": s.max_items_per_request, "max_body_bytes": s.max_body_bytes,
                     "max_text_chars": s.max_text_chars, "request_timeout_s": s.request_timeout_s,
                     "api_key_required": s.api_key is not None},

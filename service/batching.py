@@ -101,47 +101,6 @@ class BatchObserver(Protocol):
     def batch_done(self, report: BatchReport) -> None: ...
 
 
-def measure_overhead_tokens(
-    forward: Forward,
-    sample: Sequence[int],
-    *,
-    width: int = 128,
-    count: int = 8,
-    repeats: int = 3,
-    limit: int | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> int:
-    """A forward pass's fixed cost expressed in tokens, measured on ``forward`` itself (for ``overhead_tokens``).
-
-    Times (best of ``repeats``) one 16-token sequence and ``count`` sequences of ``width`` tokens, built by repeating
-    ``sample``'s ids: the slope between the two is the cost of a token, the intercept the cost of a forward. On a CPU
-    that is a few hundred tokens; on a GPU, where a token costs next to nothing, it exceeds any batch (capped at
-    ``limit``), so batches fill to the token budget.
-    """
-    if not sample:
-        raise ValueError("sample needs at least one token id")
-
-    def ids(n: int) -> list[int]:
-        return [sample[i % len(sample)] for i in range(n)]
-
-    def best_seconds(batch: list[list[int]]) -> float:
-        times = []
-        for _ in range(repeats):
-            started = clock()
-            forward(batch)
-            times.append(clock() - started)
-        return min(times)
-
-    small_tokens, big_tokens = 16, width * count
-    small = best_seconds([ids(small_tokens)])
-    big = best_seconds([ids(width) for _ in range(count)])
-    per_token = (big - small) / (big_tokens - small_tokens)
-    if per_token <= 0:
-        return limit if limit is not None else big_tokens
-    overhead = max(0, round((small - per_token * small_tokens) / per_token))
-    return min(overhead, limit) if limit is not None else overhead
-
-
 # -- internals ---------------------------------------------------------------------------------------------------
 class _Job:
     """One submitted request: the worker fills its scores, the future gets them once all are in."""

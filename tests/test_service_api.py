@@ -127,7 +127,6 @@ def test_probes_info_metrics_and_docs(client):
     assert info["formatting"]["architecture"] == "encoder" and info["formatting"]["max_length"] == 64
     assert info["normalization"] == NORMALIZATION
     assert info["batching"]["max_batch_tokens"] == 2048 and info["batching"]["max_wait_ms"] == 1
-    assert 0 <= info["batching"]["overhead_tokens"] <= 2048  # measured at start-up (not set)
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
@@ -253,11 +252,4 @@ def test_every_setting_is_a_flag_and_an_environment_variable(monkeypatch):
     assert settings.reward_label == "nothate" and settings.host == "127.0.0.1"
     assert settings.api_key.get_secret_value() == "secret" and settings.public_dict()["api_key"] == "set"
     assert parse_settings(["--model", "m", "--max-batch-size", "3"]).max_batch_size == 3  # flags win
-    assert settings.batch_overhead_tokens is None  # unset: measured when the model loads
-    assert parse_settings(["--model", "m", "--batch-overhead-tokens", "0"]).batch_overhead_tokens == 0
     assert main(["--model", "m", "--dtype", "float64"]) == 2
-
-
-def test_a_set_batch_overhead_is_used_as_is(tiny_reward_checkpoint):
-    with app_client(make_settings(tiny_reward_checkpoint, batch_overhead_tokens=77)) as c:
-        assert c.get("/info").json()["batching"]["overhead_tokens"] == 77

@@ -16,7 +16,6 @@ from service.batching import (
     ForwardFailed,
     QueueFull,
     RequestTooLarge,
-    measure_overhead_tokens,
 )
 
 
@@ -142,26 +141,6 @@ def test_overhead_tokens_leave_an_item_that_costs_more_padding_than_it_saves(ove
     batcher.stop(5)
     # 3 x 10 real in 16 + 30 padded (0.65) against 70 real in 16 + 160 padded (0.40): without an overhead the 40 joins
     assert [sorted(len(ids) for ids in b) for b in forward.batches[1:]] == expected_batches
-
-
-def test_overhead_is_measured_as_the_fixed_cost_of_a_forward_in_tokens():
-    now = [0.0]
-    seen: list[list[list[int]]] = []
-
-    def forward(batch):  # 20 ms per forward + 0.1 ms per padded token, on a fake clock
-        seen.append(batch)
-        now[0] += 0.020 + 0.0001 * max(map(len, batch)) * len(batch)
-        return [0.0] * len(batch)
-
-    assert measure_overhead_tokens(forward, [5, 6, 7], clock=lambda: now[0]) == 200
-    assert measure_overhead_tokens(forward, [5, 6, 7], clock=lambda: now[0], limit=150) == 150
-    assert {tuple(ids) for batch in seen for ids in batch} <= {tuple([5, 6, 7] * 43)[:n] for n in (16, 128)}
-
-    def free_tokens(batch):  # a GPU-like forward: tokens cost nothing measurable
-        now[0] += 0.010
-        return [0.0] * len(batch)
-
-    assert measure_overhead_tokens(free_tokens, [1], clock=lambda: now[0], limit=4096) == 4096
 
 
 def test_a_long_item_is_not_starved_by_a_stream_of_short_ones():
