@@ -58,7 +58,7 @@ class ServeSettings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="items per forward pass")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a short queue waits for more items before a forward")
     batch_overhead_tokens: int = Field(
-        256,
+        0,
         ge=0,
         description="a forward pass's fixed cost in tokens: a batch stops growing when one more item would lower "
         "real tokens / (this + padded tokens); 0 fills batches to the limits",
