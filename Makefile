@@ -30,7 +30,7 @@ test: $(VENV)/.installed-all
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 $(DEMO_CHECKPOINT)/reward_manifest.json: $(VENV)/.installed-demo
-	$(BIN)/reward-train --output_dir $(DEMO_CHECKPOINT) --dataset_name demo
+	$(BIN)/reward-train --output_dir $(DEMO_CHECKPOINT) --dataset_name demo --num_train_epochs 2 --learning_rate 5e-5
 
 demo: $(DEMO_CHECKPOINT)/reward_manifest.json
 	$(BIN)/reward-serve --model $(DEMO_CHECKPOINT) --host 127.0.0.1 --port $(PORT)
