@@ -252,4 +252,14 @@ def test_every_setting_is_a_flag_and_an_environment_variable(monkeypatch):
     assert settings.reward_label == "nothate" and settings.host == "127.0.0.1"
     assert settings.api_key.get_secret_value() == "secret" and settings.public_dict()["api_key"] == "set"
     assert parse_settings(["--model", "m", "--max-batch-size", "3"]).max_batch_size == 3  # flags win
+    assert settings.batch_overhead_tokens == 0  # default: batches fill to the limits
     assert main(["--model", "m", "--dtype", "float64"]) == 2
+
+
+def test_batch_settings_reach_the_batcher_limits():
+    from service.app import ServiceRuntime
+
+    settings = make_settings("ckpt", max_batch_tokens=1024, max_batch_size=7, max_wait_ms=2.5, batch_overhead_tokens=128)
+    limits = ServiceRuntime(settings, None).limits
+    assert (limits.max_batch_tokens, limits.max_batch_size, limits.overhead_tokens) == (1024, 7, 128)
+    assert limits.max_wait_s == pytest.approx(0.0025)
