@@ -81,9 +81,12 @@ class ServiceRuntime:
 
     @property
     def limits(self) -> BatchLimits:
+        """The batcher's limits; the default token budget depends on the loaded model's device and dtype."""
         s = self.settings
+        device, dtype = (self.backend.info.device, self.backend.info.dtype) if self.backend else (s.device, s.dtype)
         return BatchLimits(
-            s.max_batch_tokens, s.max_batch_size, s.max_wait_ms / 1000.0, s.max_queue_tokens, s.batch_overhead_tokens
+            s.batch_tokens_for(device, dtype), s.max_batch_size, s.max_wait_ms / 1000.0, s.max_queue_tokens,
+            s.batch_overhead_tokens,
         )
 
     @property

@@ -126,7 +126,7 @@ def test_probes_info_metrics_and_docs(client):
     assert info["dtype"] == "float32" and info["device"] == "cpu"
     assert info["formatting"]["architecture"] == "encoder" and info["formatting"]["max_length"] == 64
     assert info["normalization"] == NORMALIZATION
-    assert info["batching"]["max_batch_tokens"] == 2048 and info["batching"]["max_wait_ms"] == 1
+    assert info["batching"]["max_batch_tokens"] == 1024 and info["batching"]["max_wait_ms"] == 1  # fp32-on-CPU default
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
@@ -254,6 +254,18 @@ def test_every_setting_is_a_flag_and_an_environment_variable(monkeypatch):
     assert parse_settings(["--model", "m", "--max-batch-size", "3"]).max_batch_size == 3  # flags win
     assert settings.batch_overhead_tokens == 0  # default: batches fill to the limits
     assert main(["--model", "m", "--dtype", "float64"]) == 2
+
+
+def test_default_batch_tokens_follow_the_device_and_dtype():
+    from service.settings import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
+
+    settings = make_settings("ckpt")
+    assert settings.max_batch_tokens is None
+    assert settings.batch_tokens_for("cpu", "float32") == CPU_BATCH_TOKENS["float32"] == 1024
+    assert settings.batch_tokens_for("cpu", "bfloat16") == CPU_BATCH_TOKENS["bfloat16"] == 2048
+    assert settings.batch_tokens_for("cuda:0", "float16") == GPU_BATCH_TOKENS
+    assert make_settings("ckpt", max_queue_tokens=512).batch_tokens_for("cuda:0", "float16") == 512  # queue holds one
+    assert make_settings("ckpt", max_batch_tokens=4096).batch_tokens_for("cpu", "float32") == 4096  # as set wins
 
 
 def test_batch_settings_reach_the_batcher_limits():

@@ -37,7 +37,7 @@ def test_startup_logs_say_what_was_loaded_and_how(live_server: ServerProcess, se
     log = live_server.log
     assert "loaded reward model" in log and str(service_checkpoint.resolve()) in log
     assert "device cpu, dtype float32" in log
-    assert "max_batch_tokens 2048, max_batch_size 32, max_wait 20.0 ms" in log
+    assert "max_batch_tokens 1024, max_batch_size 32, max_wait 20.0 ms" in log  # the float32-on-CPU default
     info = httpx.get(live_server.url + "/info").json()
     assert info["has_manifest"] is True and info["batching"]["max_wait_ms"] == 20  # from REWARD_MAX_WAIT_MS
 
