@@ -25,28 +25,37 @@ def _batches_unsorted(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
 
 
-def run_pass(checkpoint: Any, sequences: Sequence[Sequence[int]], batches: list[list[int]], *, seed: int = 0) -> dict[str, Any]:
-    """Time one pass over ``batches`` (index lists into ``sequences``), in a shuffled order."""
+def run_pass(
+    checkpoint: Any, sequences: Sequence[Sequence[int]], batches: list[list[int]], *, seed: int = 0,
+    min_seconds: float = 0.0,
+) -> dict[str, Any]:
+    """Time passes over ``batches`` (index lists into ``sequences``), each in a shuffled order, repeated until
+    ``min_seconds`` have passed (at least one pass): a few-second pass on a shared virtual machine is noisy."""
     from training.checkpoint import forward_scores
 
     order = list(batches)
-    random.Random(seed).shuffle(order)  # mixes short and long batches, as a live queue would
     real = sum(len(sequences[i]) for b in order for i in b)
     padded = sum(max(len(sequences[i]) for i in b) * len(b) for b in order)
     probe = CpuProbe()
     started = time.perf_counter()
-    for batch in order:
-        forward_scores(checkpoint, [sequences[i] for i in batch])
+    passes = 0
+    while passes == 0 or time.perf_counter() - started < min_seconds:
+        random.Random(seed + passes).shuffle(order)  # mixes short and long batches, as a live queue would
+        for batch in order:
+            forward_scores(checkpoint, [sequences[i] for i in batch])
+        passes += 1
     elapsed = time.perf_counter() - started
     cpu = probe.stop()
-    texts = sum(len(b) for b in order)
+    texts = sum(len(b) for b in order) * passes
+    real, padded = real * passes, padded * passes
     return {
         "texts": texts,
+        "passes": passes,
         "seconds": round(elapsed, 3),
         "texts_per_s": texts / elapsed,
         "tokens_per_s": real / elapsed,
-        "forwards": len(order),
-        "mean_items_per_forward": texts / len(order),
+        "forwards": len(order) * passes,
+        "mean_items_per_forward": texts / (len(order) * passes),
         "padding_efficiency": real / padded,
         "forward_busy": 1.0,
         "forward_padded_tokens_per_s": padded / elapsed,
@@ -70,8 +79,10 @@ def measure(
     before_pass=None,
     retries: int = 0,
     contaminated: float = float("inf"),
+    min_seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """The sweep and the ceiling (the best sorted batch size) over ``sequences`` (token-id lists)."""
+    """The sweep and the ceiling (the best sorted batch size) over ``sequences`` (token-id lists); each sorted
+    batch size is timed for at least ``min_seconds`` (the references for one pass)."""
     from training.checkpoint import forward_scores
 
     lengths = [len(s) for s in sequences]
@@ -82,17 +93,17 @@ def measure(
     sweep: dict[str, dict[str, Any]] = {}
     before_pass = before_pass or (lambda: None)
 
-    def clean_pass(batches: list[list[int]]) -> dict[str, Any]:
+    def clean_pass(batches: list[list[int]], seconds: float = 0.0) -> dict[str, Any]:
         for attempt in range(1 + retries):
             before_pass()
-            result = run_pass(checkpoint, sequences, batches)
+            result = run_pass(checkpoint, sequences, batches, min_seconds=seconds)
             if (result["cpu"].get("others_cores") or 0.0) <= contaminated:
                 break
             log(f"  (others used {result['cpu']['others_cores']:.2f} cores during the pass: measuring again)")
         return result
 
     for size in batch_sizes:
-        result = clean_pass(_batches_sorted(lengths, size))
+        result = clean_pass(_batches_sorted(lengths, size), min_seconds)
         sweep[f"sorted_{size}"] = {"batch_size": size, "sorted": True, **result}
         log(f"  ceiling sweep: sorted batches of {size:>3}: {result['texts_per_s']:7.1f} texts/s  {_others(result)}")
     if references:
@@ -105,3 +116,11 @@ def measure(
         log(f"  reference: unsorted batches of {size:>3}: {result['texts_per_s']:7.1f} texts/s  {_others(result)}")
     best_key = max((k for k, v in sweep.items() if v["sorted"]), key=lambda k: sweep[k]["texts_per_s"])
     return {"best": best_key, "ceiling": sweep[best_key], "sweep": sweep}
+
+
+def remeasure(checkpoint: Any, sequences: Sequence[Sequence[int]], batch_size: int, *, min_seconds: float = 0.0) -> dict[str, Any]:
+    """The ceiling's batch size timed again (after the load scenarios: the machine's speed drifts over minutes)."""
+    from training.checkpoint import forward_scores
+
+    forward_scores(checkpoint, sorted(sequences, key=len)[-batch_size:])  # warm-up, as in :func:`measure`
+    return run_pass(checkpoint, sequences, _batches_sorted([len(s) for s in sequences], batch_size), min_seconds=min_seconds)

@@ -71,6 +71,11 @@ def markdown(report: dict[str, Any]) -> str:
             sweep = ", ".join(f"{k} {v['texts_per_s']:.1f}/s (pad eff {v['padding_efficiency']:.2f})"
                               for k, v in s["ceiling"]["sweep"].items())
             lines += ["", f"Ceiling sweep (in-process, texts/s): {sweep}."]
+            if "after" in s["ceiling"]:
+                c = s["ceiling"]
+                lines += ["", f"Ceiling ({c['best']}) timed before the load scenarios: {c['before']['texts_per_s']:.1f} "
+                              f"texts/s; after them: {c['after']['texts_per_s']:.1f}; the ratios use the mean, "
+                              f"{c['texts_per_s']:.1f}."]
         if "accuracy" in run:
             a = run["accuracy"]
             lines += ["", f"Held-out accuracy ({a['n']} pairs, {a['source']}): {a['accuracy']:.4f}."]
