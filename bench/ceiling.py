@@ -25,6 +25,14 @@ def _batches_unsorted(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
 
 
+def _warm_up(checkpoint: Any, sequences: Sequence[Sequence[int]], largest_batch: int) -> None:
+    """Lazy initialisation and the allocator's first large blocks are not part of any measurement."""
+    from training.checkpoint import forward_scores
+
+    forward_scores(checkpoint, sorted(sequences, key=len)[-largest_batch:])
+    forward_scores(checkpoint, [sequences[0]])
+
+
 def run_pass(
     checkpoint: Any, sequences: Sequence[Sequence[int]], batches: list[list[int]], *, seed: int = 0,
     min_seconds: float = 0.0,
@@ -83,13 +91,8 @@ def measure(
 ) -> dict[str, Any]:
     """The sweep and the ceiling (the best sorted batch size) over ``sequences`` (token-id lists); each sorted
     batch size is timed for at least ``min_seconds`` (the references for one pass)."""
-    from training.checkpoint import forward_scores
-
     lengths = [len(s) for s in sequences]
-    # Warm-up: lazy initialisation and the allocator's first large blocks are not part of any measurement.
-    longest = sorted(range(len(sequences)), key=lambda i: lengths[i])[-max(batch_sizes):]
-    forward_scores(checkpoint, [sequences[i] for i in longest])
-    forward_scores(checkpoint, [sequences[0]])
+    _warm_up(checkpoint, sequences, max(batch_sizes))
     sweep: dict[str, dict[str, Any]] = {}
     before_pass = before_pass or (lambda: None)
 
@@ -120,7 +123,5 @@ def measure(
 
 def remeasure(checkpoint: Any, sequences: Sequence[Sequence[int]], batch_size: int, *, min_seconds: float = 0.0) -> dict[str, Any]:
     """The ceiling's batch size timed again (after the load scenarios: the machine's speed drifts over minutes)."""
-    from training.checkpoint import forward_scores
-
-    forward_scores(checkpoint, sorted(sequences, key=len)[-batch_size:])  # warm-up, as in :func:`measure`
+    _warm_up(checkpoint, sequences, batch_size)
     return run_pass(checkpoint, sequences, _batches_sorted([len(s) for s in sequences], batch_size), min_seconds=min_seconds)
