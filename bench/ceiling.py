@@ -122,6 +122,6 @@ def measure(
 
 
 def remeasure(checkpoint: Any, sequences: Sequence[Sequence[int]], batch_size: int, *, min_seconds: float = 0.0) -> dict[str, Any]:
-    """The ceiling's batch size timed again (after the load scenarios: the machine's speed drifts over minutes)."""
+    """The ceiling's batch size timed again (around each load scenario: the machine's speed drifts over minutes)."""
     _warm_up(checkpoint, sequences, batch_size)
     return run_pass(checkpoint, sequences, _batches_sorted([len(s) for s in sequences], batch_size), min_seconds=min_seconds)

@@ -71,11 +71,13 @@ def markdown(report: dict[str, Any]) -> str:
             sweep = ", ".join(f"{k} {v['texts_per_s']:.1f}/s (pad eff {v['padding_efficiency']:.2f})"
                               for k, v in s["ceiling"]["sweep"].items())
             lines += ["", f"Ceiling sweep (in-process, texts/s): {sweep}."]
-            if "after" in s["ceiling"]:
+            if "timings" in s["ceiling"]:
                 c = s["ceiling"]
-                lines += ["", f"Ceiling ({c['best']}) timed before the load scenarios: {c['before']['texts_per_s']:.1f} "
-                              f"texts/s; after them: {c['after']['texts_per_s']:.1f}; the ratios use the mean, "
-                              f"{c['texts_per_s']:.1f}."]
+                around = "; ".join(f"{name} {r['ceiling_around']['before']:.1f} → {r['ceiling_around']['after']:.1f}"
+                                   for name, r in s.items() if "ceiling_around" in r)
+                lines += ["", f"Ceiling ({c['best']}) timed before the first load scenario and after each one "
+                              f"(texts/s): {around}. Each scenario's × ceiling uses the mean of the timings just "
+                              f"before and after it; the ceiling row shows the mean of all {len(c['timings'])}."]
         if "accuracy" in run:
             a = run["accuracy"]
             lines += ["", f"Held-out accuracy ({a['n']} pairs, {a['source']}): {a['accuracy']:.4f}."]

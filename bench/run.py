@@ -5,7 +5,9 @@
 For each dtype, in this order, with nothing else of ours running at the same time:
 
 1. ``ceiling``: the model called in-process on length-sorted batches, at several batch sizes (the best one is the
-   ceiling), plus two references: one text at a time, and unsorted 64-text batches padded to their longest;
+   ceiling), plus two references: one text at a time, and unsorted 64-text batches padded to their longest; the
+   best size is timed again after every load scenario, and each scenario is compared with the ceiling timings just
+   before and after it (this machine's speed drifts over minutes);
 2. ``service_64x1``: ``reward-serve`` under 64 closed-loop clients sending one text each (OpenRLHF's pattern);
 3. ``service_4x64``: the service under 4 clients sending 64-text requests (GRPO's pattern);
 4. ``service_open``: the service at a fixed arrival rate of one-text requests (half the ceiling by default), for
@@ -216,10 +218,12 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
     cpu = probe.stop()
     after = parse_metrics(server.get("/metrics"))
     summary = result.summary()
+    stats = None
     if len(result.snapshots) == 2:  # the measurement window itself, not the warm-up
-        (t0, before), (t1, after) = result.snapshots
-        stats = batch_stats(before, after, seconds=t1 - t0)
-    else:  # no window snapshots: the whole run, warm-up included
+        (t0, window_start), (t1, window_end) = result.snapshots
+        stats = batch_stats(window_start, window_end, seconds=t1 - t0)
+    if stats is None or stats.get("mean_items_per_forward") is None:
+        # no window snapshots, or no forward ended inside a very short window: the whole run, warm-up included
         stats = batch_stats(before, after, seconds=cpu["wall_s"])
     out = {"kind": name.split("_", 1)[0], "description": description, **summary, **stats, "cpu": cpu}
     if rate is not None and kind == "open":
@@ -288,10 +292,13 @@ def _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early) -> dict[
         rows, source = held_out_pairs(args.accuracy_pairs, data=args.data)
         out["accuracy"] = {**accuracy_check(checkpoint, rows), "source": source}
         log(f"  held-out accuracy ({dtype}): {out['accuracy']['accuracy']:.4f} over {out['accuracy']['n']} pairs")
-    del checkpoint
-    gc.collect()
+    ceiling = scenarios.get("ceiling")
+    clock = CeilingClock(args, checkpoint, sequences, ceiling) if ceiling else None
+    if clock is None:
+        del checkpoint
+        gc.collect()
 
-    ceiling_rate = scenarios.get("ceiling", {}).get("texts_per_s")
+    ceiling_rate = ceiling["texts_per_s"] if ceiling else None
     rate = args.rate or (args.rate_fraction * ceiling_rate if ceiling_rate else 10.0)
     for which, (names, argv) in servers.items():
         wanted = [n for n in names if n in args.scenario_list]
@@ -309,38 +316,49 @@ def _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early) -> dict[
             out[f"{which}_argv"] = argv[1:]
             for name in wanted:
                 scenarios[name] = _clean(args, lambda: run_load(args, server, name, pool, rate), name)
+                if clock is not None:
+                    scenarios[name]["ceiling_around"] = clock.tick([server.pid] if server.pid else [])
         finally:
             server.stop()
-    if "ceiling" in scenarios and len(scenarios) > 1:
-        bracket_ceiling(args, checkpoint_dir, dtype, sequences, scenarios["ceiling"])
+    if clock is not None:
+        clock.summarise()
     out["ratios"] = ratios(scenarios)
     return out
 
 
-def bracket_ceiling(args: argparse.Namespace, checkpoint_dir: Path, dtype: str, sequences: list[list[int]],
-                    ceiling: dict[str, Any]) -> None:
-    """Time the ceiling's batch size again after the load scenarios; the ceiling becomes the mean of both.
+class CeilingClock:
+    """The ceiling's batch size timed again after every load scenario, in this process, while the server idles.
 
-    The speed of this virtual machine drifts by 10-15 % over minutes with nothing else running, so a ceiling taken
-    only before the scenarios can be too high or too low for them; bracketing them cancels a steady drift.
+    The speed of this virtual machine drifts by 10-15 % over minutes with nothing else running, so one ceiling timed
+    before all scenarios can be too high or too low for a scenario run minutes later. Each scenario is compared with
+    the mean of the ceiling timings just before and just after it; the ceiling row reports the mean of all timings.
     """
-    from bench.ceiling import remeasure
-    from training.checkpoint import load_checkpoint
 
-    checkpoint = load_checkpoint(checkpoint_dir, dtype=dtype, device="cpu")
-    quiet(args)
-    before = ceiling["sweep"][ceiling["best"]]
-    after = remeasure(checkpoint, sequences, before["batch_size"], min_seconds=args.ceiling_min_s)
-    del checkpoint
-    gc.collect()
-    keys = ("texts_per_s", "tokens_per_s", "forward_padded_tokens_per_s")
-    ceiling["before"] = {k: before[k] for k in keys}
-    ceiling["after"] = {k: after[k] for k in keys} | {"seconds": after["seconds"], "cpu": after["cpu"]}
-    for key in keys:
-        ceiling[key] = (before[key] + after[key]) / 2
-    ceiling["description"] += ", mean of before and after the load scenarios"
-    log(f"  ceiling again after the load scenarios: {after['texts_per_s']:.1f} texts/s "
-        f"(before: {before['texts_per_s']:.1f}); the ratios use the mean {ceiling['texts_per_s']:.1f}")
+    KEYS = ("texts_per_s", "tokens_per_s", "forward_padded_tokens_per_s")
+
+    def __init__(self, args: argparse.Namespace, checkpoint: Any, sequences: list[list[int]], ceiling: dict[str, Any]):
+        self.args, self.checkpoint, self.sequences, self.ceiling = args, checkpoint, sequences, ceiling
+        self.timings = [{k: ceiling["sweep"][ceiling["best"]][k] for k in self.KEYS}]
+
+    def tick(self, own_pids: Sequence[int]) -> dict[str, float]:
+        """Time the ceiling now; returns the timings before and after the scenario that just ended, and their mean."""
+        from bench.ceiling import remeasure
+
+        quiet(self.args, own_pids)
+        result = remeasure(self.checkpoint, self.sequences, self.ceiling["sweep"][self.ceiling["best"]]["batch_size"],
+                           min_seconds=self.args.ceiling_min_s)
+        self.timings.append({k: result[k] for k in self.KEYS} | {"others_cores": result["cpu"].get("others_cores")})
+        before, after = self.timings[-2]["texts_per_s"], self.timings[-1]["texts_per_s"]
+        log(f"  ceiling timed again: {after:.1f} texts/s (before the scenario: {before:.1f})")
+        return {"before": before, "after": after, "mean": (before + after) / 2}
+
+    def summarise(self) -> None:
+        if len(self.timings) < 2:
+            return
+        for key in self.KEYS:
+            self.ceiling[key] = sum(t[key] for t in self.timings) / len(self.timings)
+        self.ceiling["timings"] = self.timings
+        self.ceiling["description"] += f", mean of {len(self.timings)} timings around the load scenarios"
 
 
 def ratios(s: dict[str, Any]) -> dict[str, float]:
@@ -348,8 +366,9 @@ def ratios(s: dict[str, Any]) -> dict[str, float]:
         return s[name]["texts_per_s"] if name in s and s[name]["texts_per_s"] else None
 
     out = {}
-    ceiling = tput("ceiling")
     for name in SERVICE_SCENARIOS + NAIVE_SCENARIOS:
+        # the ceiling timed just before and after this scenario, else the ceiling row
+        ceiling = s[name]["ceiling_around"]["mean"] if "ceiling_around" in s.get(name, {}) else tput("ceiling")
         if tput(name) and ceiling:
             out[f"{name}_vs_ceiling"] = tput(name) / ceiling
             s[name]["ratio_to_ceiling"] = out[f"{name}_vs_ceiling"]

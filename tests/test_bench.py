@@ -54,12 +54,16 @@ def test_ratios_batching_and_outputs(smoke_report):
                 "service_64x1_vs_naive", "service_4x64_vs_naive", "naive_4x64_vs_ceiling"):
         assert run["ratios"][key] > 0, key
     ceiling = run["scenarios"]["ceiling"]
-    # The ceiling brackets the load scenarios: the best sweep size, timed again after them; the ratios use the mean.
-    assert ceiling["before"]["texts_per_s"] == ceiling["sweep"][ceiling["best"]]["texts_per_s"]
-    assert ceiling["after"]["texts_per_s"] > 0
-    assert ceiling["texts_per_s"] == pytest.approx((ceiling["before"]["texts_per_s"] + ceiling["after"]["texts_per_s"]) / 2)
-    assert run["ratios"]["service_4x64_vs_ceiling"] == pytest.approx(
-        run["scenarios"]["service_4x64"]["texts_per_s"] / ceiling["texts_per_s"])
+    # The ceiling is timed again after every load scenario; each scenario is compared with the timings around it.
+    timings = [t["texts_per_s"] for t in ceiling["timings"]]
+    assert timings[0] == ceiling["sweep"][ceiling["best"]]["texts_per_s"] and len(timings) == len(SCENARIOS)
+    assert ceiling["texts_per_s"] == pytest.approx(sum(timings) / len(timings))
+    loads = [name for name in run["scenarios"] if name != "ceiling"]  # in the order they ran
+    for i, name in enumerate(loads):
+        around = run["scenarios"][name]["ceiling_around"]
+        assert (around["before"], around["after"]) == (timings[i], timings[i + 1]), name
+        assert run["ratios"][f"{name}_vs_ceiling"] == pytest.approx(
+            run["scenarios"][name]["texts_per_s"] / ((timings[i] + timings[i + 1]) / 2)), name
     assert all(v["passes"] >= 1 for v in ceiling["sweep"].values())
     assert {"one_at_a_time", "unsorted_16"} <= set(ceiling["sweep"])
     # The naive server never batches across requests: one-text requests make one-item forwards.
