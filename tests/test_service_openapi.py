@@ -48,3 +48,15 @@ def test_no_generated_request_gets_a_server_error(openapi_schema, mode):
         case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, excluded_checks=[positive_data_acceptance])
 
     run()
+
+
+@pytest.mark.parametrize("api_key", [None, KEY])
+def test_the_schema_asks_for_a_bearer_key_exactly_when_the_service_has_one(tiny_reward_checkpoint, api_key):
+    from service.app import create_app
+
+    schema = create_app(make_settings(tiny_reward_checkpoint, api_key=api_key)).openapi()
+    for route in ("/score", "/compare", "/get_reward"):
+        security = schema["paths"][route]["post"].get("security")
+        assert (security is not None) == (api_key is not None), (route, security)
+    assert ("securitySchemes" in schema.get("components", {})) == (api_key is not None)
+    assert "security" not in schema["paths"]["/healthz"]["get"]  # probes stay open either way
