@@ -185,6 +185,8 @@ def create_app(settings: ServeSettings, backend: ScoringBackend | None = None) -
         version="0.1.0",
         lifespan=lifespan,
         strict_content_type=False,  # a JSON body without a content-type header is still read as JSON
+        # Off unless asked: even with no provider configured, FastAPI looks the providers up on every request.
+        telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.runtime = runtime
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -57,6 +57,11 @@ class ServeSettings(BaseSettings):
         None, description="when set, scoring routes require 'Authorization: Bearer KEY'; probes and metrics stay open"
     )
     log_level: LogLevel = Field("info", description="log level")
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry traces, metrics and logs, sent to the globally configured "
+        "providers (e.g. under opentelemetry-instrument); off by default: its per-request check costs event-loop time",
+    )
 
     # -- batching -------------------------------------------------------------------------------------------
     max_batch_tokens: int | None = Field(
