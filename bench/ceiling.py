@@ -10,8 +10,9 @@ each request's texts as they come does with 64-text requests).
 from __future__ import annotations
 
 import random
+import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from bench.procstat import CpuProbe
 
@@ -33,12 +34,25 @@ def _warm_up(checkpoint: Any, sequences: Sequence[Sequence[int]], largest_batch:
     forward_scores(checkpoint, [sequences[0]])
 
 
+def _passes(batches: list[list[int]], seed: int, min_seconds: float, started: float) -> Iterator[list[int]]:
+    """Whole passes over ``batches``, each in a new shuffled order, until ``min_seconds`` have passed (at least one)."""
+    order = list(batches)
+    passes = 0
+    while passes == 0 or time.perf_counter() - started < min_seconds:
+        random.Random(seed + passes).shuffle(order)  # mixes short and long batches, as a live queue would
+        yield from order
+        passes += 1
+
+
 def run_pass(
     checkpoint: Any, sequences: Sequence[Sequence[int]], batches: list[list[int]], *, seed: int = 0,
-    min_seconds: float = 0.0,
+    min_seconds: float = 0.0, workers: int = 1,
 ) -> dict[str, Any]:
     """Time passes over ``batches`` (index lists into ``sequences``), each in a shuffled order, repeated until
-    ``min_seconds`` have passed (at least one pass): a few-second pass on a shared virtual machine is noisy."""
+    ``min_seconds`` have passed (at least one pass): a few-second pass on a shared virtual machine is noisy.
+
+    With ``workers`` > 1, that many threads take the batches in turn, each with torch's threads divided among them
+    (the service's ``--inference-workers`` layout); the last pass is finished, never cut."""
     from training.checkpoint import forward_scores
 
     order = list(batches)
@@ -46,12 +60,37 @@ def run_pass(
     padded = sum(max(len(sequences[i]) for i in b) * len(b) for b in order)
     probe = CpuProbe()
     started = time.perf_counter()
-    passes = 0
-    while passes == 0 or time.perf_counter() - started < min_seconds:
-        random.Random(seed + passes).shuffle(order)  # mixes short and long batches, as a live queue would
-        for batch in order:
+    feed = _passes(order, seed, min_seconds, started)
+    done = 0
+
+    def work(threads: int | None) -> None:
+        nonlocal done
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        while True:
+            with lock:
+                batch = next(feed, None)
+            if batch is None:
+                return
             forward_scores(checkpoint, [sequences[i] for i in batch])
-        passes += 1
+            with lock:
+                done += 1
+
+    lock = threading.Lock()
+    if workers == 1:
+        work(None)
+    else:
+        import torch
+
+        per_worker = max(1, torch.get_num_threads() // workers)
+        threads = [threading.Thread(target=work, args=(per_worker,)) for _ in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    passes = done // len(order)
     elapsed = time.perf_counter() - started
     cpu = probe.stop()
     texts = sum(len(b) for b in order) * passes
@@ -59,6 +98,7 @@ def run_pass(
     return {
         "texts": texts,
         "passes": passes,
+        "workers": workers,
         "seconds": round(elapsed, 3),
         "texts_per_s": texts / elapsed,
         "tokens_per_s": real / elapsed,
@@ -81,6 +121,7 @@ def measure(
     sequences: Sequence[Sequence[int]],
     *,
     batch_sizes: Sequence[int] = (4, 8, 16, 32),
+    workers: Sequence[int] = (1,),
     references: bool = True,
     unsorted_size: int = 64,
     log=print,
@@ -89,26 +130,29 @@ def measure(
     contaminated: float = float("inf"),
     min_seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """The sweep and the ceiling (the best sorted batch size) over ``sequences`` (token-id lists); each sorted
-    batch size is timed for at least ``min_seconds`` (the references for one pass)."""
+    """The sweep and the ceiling (the best sorted batch size and worker layout) over ``sequences`` (token-id lists);
+    each sorted batch size is timed for at least ``min_seconds`` with each number of ``workers`` (the references for
+    one pass, with one worker)."""
     lengths = [len(s) for s in sequences]
     _warm_up(checkpoint, sequences, max(batch_sizes))
     sweep: dict[str, dict[str, Any]] = {}
     before_pass = before_pass or (lambda: None)
 
-    def clean_pass(batches: list[list[int]], seconds: float = 0.0) -> dict[str, Any]:
+    def clean_pass(batches: list[list[int]], seconds: float = 0.0, n_workers: int = 1) -> dict[str, Any]:
         for attempt in range(1 + retries):
             before_pass()
-            result = run_pass(checkpoint, sequences, batches, min_seconds=seconds)
+            result = run_pass(checkpoint, sequences, batches, min_seconds=seconds, workers=n_workers)
             if (result["cpu"].get("others_cores") or 0.0) <= contaminated:
                 break
             log(f"  (others used {result['cpu']['others_cores']:.2f} cores during the pass: measuring again)")
         return result
 
     for size in batch_sizes:
-        result = clean_pass(_batches_sorted(lengths, size), min_seconds)
-        sweep[f"sorted_{size}"] = {"batch_size": size, "sorted": True, **result}
-        log(f"  ceiling sweep: sorted batches of {size:>3}: {result['texts_per_s']:7.1f} texts/s  {_others(result)}")
+        for n_workers in workers:
+            result = clean_pass(_batches_sorted(lengths, size), min_seconds, n_workers)
+            sweep[sweep_key(size, n_workers)] = {"batch_size": size, "sorted": True, **result}
+            log(f"  ceiling sweep: sorted batches of {size:>3}, {layout(n_workers)}: {result['texts_per_s']:7.1f} "
+                f"texts/s  {_others(result)}")
     if references:
         result = clean_pass(_batches_sorted(lengths, 1))
         sweep["one_at_a_time"] = {"batch_size": 1, "sorted": False, **result}
@@ -121,7 +165,18 @@ def measure(
     return {"best": best_key, "ceiling": sweep[best_key], "sweep": sweep}
 
 
-def remeasure(checkpoint: Any, sequences: Sequence[Sequence[int]], batch_size: int, *, min_seconds: float = 0.0) -> dict[str, Any]:
-    """The ceiling's batch size timed again (around each load scenario: the machine's speed drifts over minutes)."""
+def sweep_key(batch_size: int, workers: int) -> str:
+    return f"sorted_{batch_size}" if workers == 1 else f"sorted_{batch_size}_x{workers}"
+
+
+def layout(workers: int) -> str:
+    return "1 worker" if workers == 1 else f"{workers} workers"
+
+
+def remeasure(
+    checkpoint: Any, sequences: Sequence[Sequence[int]], batch_size: int, *, min_seconds: float = 0.0, workers: int = 1,
+) -> dict[str, Any]:
+    """The ceiling's batch size and layout timed again (around each load scenario: the machine's speed drifts)."""
     _warm_up(checkpoint, sequences, batch_size)
-    return run_pass(checkpoint, sequences, _batches_sorted([len(s) for s in sequences], batch_size), min_seconds=min_seconds)
+    return run_pass(checkpoint, sequences, _batches_sorted([len(s) for s in sequences], batch_size),
+                    min_seconds=min_seconds, workers=workers)

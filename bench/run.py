@@ -77,6 +77,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each load scenario")
     p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS), help="comma-separated subset to run")
     p.add_argument("--ceiling-batch-sizes", default="4,8,16,32,64", help="sorted batch sizes of the ceiling sweep")
+    p.add_argument("--ceiling-workers", default="1,2",
+                   help="numbers of forward threads the ceiling sweep tries with each batch size, torch's threads "
+                        "divided among them (the service's --inference-workers; default 1,2)")
     p.add_argument("--ceiling-min-s", type=float, default=None,
                    help="time each sorted ceiling batch size for at least this long (default: half of --duration-s)")
     p.add_argument("--rate", type=float, default=None, help="open-loop arrivals per second (default: --rate-fraction)")
@@ -157,17 +160,19 @@ def tokenize_pool(pool: TextPool, checkpoint: Any) -> list[list[int]]:
 
 
 def run_ceiling(args: argparse.Namespace, checkpoint: Any, sequences: list[list[int]]) -> dict[str, Any]:
-    from bench.ceiling import measure
+    from bench.ceiling import layout, measure
 
     sizes = [int(x) for x in args.ceiling_batch_sizes.split(",") if x.strip()]
-    result = measure(checkpoint, sequences, batch_sizes=sizes, unsorted_size=args.batch_texts, log=log,
+    workers = [int(x) for x in args.ceiling_workers.split(",") if x.strip()]
+    result = measure(checkpoint, sequences, batch_sizes=sizes, workers=workers, unsorted_size=args.batch_texts, log=log,
                      before_pass=lambda: quiet(args),
                      retries=args.retries if args.wait_quiet_s > 0 else 0, contaminated=CONTAMINATED_CORES,
                      min_seconds=args.ceiling_min_s)
     best = result["ceiling"]
     return {
         "kind": "in-process",
-        "description": f"model called directly, length-sorted batches of {best['batch_size']} (best of the sweep)",
+        "description": f"model called directly, length-sorted batches of {best['batch_size']}, {layout(best['workers'])} "
+                       "(best of the sweep)",
         "texts_per_s": best["texts_per_s"],
         "tokens_per_s": best["tokens_per_s"],
         "latency_ms": None,
@@ -345,8 +350,9 @@ class CeilingClock:
         from bench.ceiling import remeasure
 
         quiet(self.args, own_pids)
-        result = remeasure(self.checkpoint, self.sequences, self.ceiling["sweep"][self.ceiling["best"]]["batch_size"],
-                           min_seconds=self.args.ceiling_min_s)
+        best = self.ceiling["sweep"][self.ceiling["best"]]
+        result = remeasure(self.checkpoint, self.sequences, best["batch_size"], min_seconds=self.args.ceiling_min_s,
+                           workers=best["workers"])
         self.timings.append({k: result[k] for k in self.KEYS} | {"others_cores": result["cpu"].get("others_cores")})
         before, after = self.timings[-2]["texts_per_s"], self.timings[-1]["texts_per_s"]
         log(f"  ceiling timed again: {after:.1f} texts/s (before the scenario: {before:.1f})")

@@ -154,8 +154,9 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 def batch_stats(before: dict[str, float], after: dict[str, float], seconds: float | None = None) -> dict[str, float | None]:
     """Mean items per forward and padding efficiency (real / padded tokens) between two scrapes; with the seconds
-    between them, also the share of that time the model was computing (``forward_busy``) and the padded tokens
-    per second of forward (``forward_padded_tokens_per_s``): a slow forward, not an idle worker, shows there."""
+    between them, also the share of that time the inference workers were computing (``forward_busy``) and the
+    padded tokens per second of forward (``forward_padded_tokens_per_s``): a slow forward, not an idle worker,
+    shows there."""
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -164,7 +165,9 @@ def batch_stats(before: dict[str, float], after: dict[str, float], seconds: floa
     items = delta("reward_batch_size_sum")
     padded = delta("reward_batch_tokens_sum")
     real = delta("reward_batch_real_tokens_sum")
-    forward_s = delta("reward_forward_seconds_sum")
+    # Forward seconds summed over the inference workers, as if one worker ran them all: forward_busy stays a share
+    # of the wall time (0 to 1) and padded tokens per second the whole service's rate while computing.
+    forward_s = delta("reward_forward_seconds_sum") / max(1.0, after.get("reward_inference_workers", 1.0))
     timing = "reward_forward_seconds_sum" in after
     return {
         "forward_busy": forward_s / seconds if timing and seconds else None,

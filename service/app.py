@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
-from service.backend import CheckpointBackend, ModelInfo, ScoringBackend
+from service.backend import CheckpointBackend, ModelInfo, ScoringBackend, ThreadPlan, plan_threads
 from service.batching import Batcher, BatchLimits
 from service.errors import InvalidInput, ServiceError, Unauthorized, Unavailable, json_safe
 from service.lifecycle import Lifecycle, Phase
@@ -71,6 +71,7 @@ class ServiceRuntime:
         self.backend = backend
         self.batcher: Batcher | None = None
         self.scorer: Scorer | None = None
+        self.threads: ThreadPlan | None = None  # inference workers and their torch threads, once planned
         self._loaded = threading.Event()
         self._loader: threading.Thread | None = None
         self.metrics.in_flight.set_function(lambda: self.lifecycle.accepted)
@@ -109,10 +110,10 @@ class ServiceRuntime:
         s = self.settings
         try:
             started = time.perf_counter()
-            if s.torch_threads:
-                import torch
+            from training.checkpoint import resolve_device
 
-                torch.set_num_threads(s.torch_threads)
+            self.threads = threads = plan_threads(resolve_device(s.device), s.inference_workers, s.torch_threads)
+            threads.apply()  # loading and warm-up run as each worker will
             if self.backend is None:
                 logger.info("loading reward model from %s (dtype %s, device %s)", s.model, s.dtype, s.device)
                 self.backend = CheckpointBackend.load(
@@ -125,10 +126,14 @@ class ServiceRuntime:
                 )
             self.backend.warm_up()
             info = self.backend.info
-            self.batcher = Batcher(self.backend.forward, self.limits, observer=self.metrics).start()
+            self.batcher = Batcher(
+                self.backend.forward, self.limits, observer=self.metrics,
+                workers=threads.workers, on_worker_start=threads.apply,
+            ).start()
+            self.metrics.inference_workers.set(threads.workers)
             self.scorer = Scorer(self.backend.formatter, self.batcher, request_timeout_s=s.request_timeout_s)
             self.metrics.describe_model(model=info.name, version=info.version, dtype=info.dtype, device=info.device)
-            _log_loaded(info, self.limits, s, time.perf_counter() - started)
+            _log_loaded(info, self.limits, threads, s, time.perf_counter() - started)
             self.lifecycle.mark_ready()
         except Exception as exc:  # reported by /healthz, /readyz and the CLI's exit status
             logger.exception("failed to load the reward model from %s", s.model)
@@ -145,7 +150,7 @@ class ServiceRuntime:
         logger.info("reward service stopped")
 
 
-def _log_loaded(info: ModelInfo, limits: BatchLimits, s: ServeSettings, seconds: float) -> None:
+def _log_loaded(info: ModelInfo, limits: BatchLimits, threads: ThreadPlan, s: ServeSettings, seconds: float) -> None:
     recipe = info.formatting
     logger.info(
         "loaded reward model %r version %s from %s in %.1f s (%s) on device %s, dtype %s; reward label %s",
@@ -160,9 +165,10 @@ def _log_loaded(info: ModelInfo, limits: BatchLimits, s: ServeSettings, seconds:
     )
     logger.info(
         "batching: max_batch_tokens %d, max_batch_size %d, max_wait %.1f ms, max_queue_tokens %d, overhead_tokens %d; "
+        "inference workers %d, torch threads each %s; "
         "limits: %d items/request, %d body bytes, %d chars/text, timeout %g s; api key %s",
         limits.max_batch_tokens, limits.max_batch_size, limits.max_wait_s * 1000, limits.max_queue_tokens,
-        limits.overhead_tokens,
+        limits.overhead_tokens, threads.workers, threads.threads_per_worker or "torch's choice",
         s.max_items_per_request, s.max_body_bytes, s.max_text_chars, s.request_timeout_s,
         "required" if s.api_key is not None else "not required",
     )
@@ -313,7 +319,9 @@ def create_app(settings: ServeSettings, backend: ScoringBackend | None = None) -
             device=model.device, has_manifest=model.has_manifest, base_model=model.base_model,
             reward_label=model.reward_label, formatting=model.formatting, normalization=model.normalization,
             batching={"max_batch_tokens": limits.max_batch_tokens, "max_batch_size": limits.max_batch_size,
-                      "max_wait_ms": limits.max_wait_s * 1000, "max_queue_tokens": limits.max_queue_tokens},
+                      "max_wait_ms": limits.max_wait_s * 1000, "max_queue_tokens": limits.max_queue_tokens,
+                      "inference_workers": runtime.threads.workers if runtime.threads else None,
+                      "torch_threads_per_worker": runtime.threads.threads_per_worker if runtime.threads else None},
             limits={"max_items_per_request": s.max_items_per_request, "max_body_bytes": s.max_body_bytes,
                     "max_text_chars": s.max_text_chars, "request_timeout_s": s.request_timeout_s,
                     "api_key_required": s.api_key is not None},

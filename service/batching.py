@@ -5,6 +5,10 @@ items' token ids and gets an asyncio future; one inference worker thread takes i
 calls ``forward(list of token-id lists) -> list of floats``; each request's future receives its scores in order.
 The batcher knows nothing of HTTP or of the model.
 
+There may be several workers (``workers``), each forming and computing its own batches from the one queue: on a
+CPU two forwards with half the threads each outrun one forward with all of them, and a thread of the HTTP side that
+preempts one of them stalls only that one (see ``docs/benchmarks.md``).
+
 How a batch is formed:
 
 - it always contains the oldest waiting item, so no item waits behind a stream of others (shortest-first batching
@@ -150,21 +154,27 @@ class Batcher:
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "reward-inference",
+        workers: int = 1,
+        on_worker_start: Callable[[], None] | None = None,
     ):
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
         self._forward = forward
         self.limits = limits
         self._observer = observer
         self._clock = clock
         self._name = name
+        self.workers = workers
+        self._on_worker_start = on_worker_start
         self._cond = threading.Condition()
         self._waiting: deque[_Entry] = deque()
         self._queued_tokens = 0
         self._queued_items = 0
         self._seq = itertools.count()
         self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._tokens_per_s = 0.0  # moving average of real tokens processed per second, for Retry-After
-        self._busy = False
+        self._threads: list[threading.Thread] = []
+        self._tokens_per_s = 0.0  # moving average of one worker's real tokens per second, for Retry-After
+        self._running = 0  # forwards running now (under the lock)
 
     # -- the request side (event loop) ---------------------------------------------------------------------
     def submit(self, sequences: Sequence[Sequence[int]]) -> asyncio.Future:
@@ -212,24 +222,26 @@ class Batcher:
     @property
     def busy(self) -> bool:
         """Whether a forward pass is running now."""
-        return self._busy
+        return self._running > 0
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> "Batcher":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-            self._thread.start()
+        if not self._threads:
+            names = [self._name] if self.workers == 1 else [f"{self._name}-{i}" for i in range(self.workers)]
+            self._threads = [threading.Thread(target=self._run, name=name, daemon=True) for name in names]
+            for thread in self._threads:
+                thread.start()
         return self
 
     def stop(self, timeout: float | None = None) -> bool:
-        """Take no new work, finish what is queued, and end the worker. True if it ended within ``timeout``."""
+        """Take no new work, finish what is queued, and end the workers. True if they ended within ``timeout``."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
     @property
     def stopping(self) -> bool:
@@ -237,6 +249,8 @@ class Batcher:
 
     # -- the worker side -----------------------------------------------------------------------------------
     def _run(self) -> None:
+        if self._on_worker_start is not None:
+            self._on_worker_start()
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -263,7 +277,9 @@ class Batcher:
                         continue
                 batch = self._take_batch()
                 if batch:
-                    self._busy = True
+                    self._running += 1
+                    if self._waiting and self.workers > 1:
+                        self._cond.notify()  # what is left may make another worker's batch
                     return batch
 
     def _enough_waiting(self) -> bool:
@@ -336,7 +352,7 @@ class Batcher:
     def _execute(self, batch: list[_Entry]) -> None:
         live = [e for e in batch if not e.job.closed]  # a request may have gone while the batch formed
         if not live:
-            self._busy = False
+            self._forward_ended()
             return
         started = self._clock()
         waits = [started - e.enqueued_at for e in live]
@@ -353,7 +369,7 @@ class Batcher:
             for entry, score in zip(live, scores):
                 self._deliver(entry, score)
         finally:
-            self._busy = False
+            self._forward_ended()
         elapsed = self._clock() - started
         if ok and elapsed > 0:
             rate = real / elapsed
@@ -363,6 +379,10 @@ class Batcher:
                 self._observer.batch_done(BatchReport(len(live), padded, real, waits, elapsed, ok))
             except Exception:  # metrics must never break scoring
                 logger.exception("batch observer failed")
+
+    def _forward_ended(self) -> None:
+        with self._cond:
+            self._running -= 1
 
     def _forward_in_halves(self, batch: list[list[int]]) -> list[float]:
         try:
@@ -404,6 +424,7 @@ class Batcher:
     def _retry_after_locked(self, extra_tokens: int) -> int:
         """Seconds until the queue has likely drained enough to admit ``extra_tokens`` more (1 to 60)."""
         excess = self._queued_tokens + extra_tokens - self.limits.max_queue_tokens
-        if self._tokens_per_s <= 0 or excess <= 0:
+        rate = self._tokens_per_s * self.workers
+        if rate <= 0 or excess <= 0:
             return 1
-        return int(min(60, max(1, math.ceil(excess / self._tokens_per_s))))
+        return int(min(60, max(1, math.ceil(excess / rate))))

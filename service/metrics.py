@@ -46,6 +46,9 @@ class ServiceMetrics:
             "reward_rejected_requests", "scoring requests refused or abandoned, by reason", ["reason"], registry=r
         )
         self.in_flight = Gauge("reward_requests_in_flight", "scoring requests accepted and not yet answered", registry=r)
+        self.inference_workers = Gauge(
+            "reward_inference_workers", "inference worker threads, each running its own forward passes", registry=r
+        )
         self.ready = Gauge("reward_ready", "1 when the model is loaded and warmed up and not draining", registry=r)
         self.model = Info("reward_model", "the model being served", registry=r)
 

@@ -48,7 +48,18 @@ class ServeSettings(BaseSettings):
     truncation_side: Literal["left", "right"] | None = Field(
         None, description="which end to cut; only for checkpoints without reward_manifest.json"
     )
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    inference_workers: int | None = Field(
+        None,
+        ge=1,
+        description="threads that each form and compute their own batches from the one queue; default: 2 on a CPU "
+        "with at least 2 torch threads (two half-width forwards outrun one), 1 on a GPU",
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads per inference worker; default on a CPU: torch's threads "
+        "(OMP_NUM_THREADS, else the physical cores) divided among the workers; on a GPU torch's choice",
+    )
 
     # -- the network ----------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address to bind (a container sets 0.0.0.0 explicitly)")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from service.backend import plan_threads
 from service_fixtures import NORMALIZATION, app_client, make_settings, plain_classifier_dir, tiny_reward_checkpoint  # noqa: F401
 
 PROMPT = "what is two plus two? "
@@ -127,6 +128,9 @@ def test_probes_info_metrics_and_docs(client):
     assert info["formatting"]["architecture"] == "encoder" and info["formatting"]["max_length"] == 64
     assert info["normalization"] == NORMALIZATION
     assert info["batching"]["max_batch_tokens"] == 1024 and info["batching"]["max_wait_ms"] == 1  # fp32-on-CPU default
+    plan = plan_threads("cpu")
+    assert (info["batching"]["inference_workers"], info["batching"]["torch_threads_per_worker"]) == (
+        plan.workers, plan.threads_per_worker)
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
@@ -135,6 +139,7 @@ def test_probes_info_metrics_and_docs(client):
                  "reward_scored_items_total", "reward_model_info"):
         assert name in text, name
     assert 'reward_model_info{device="cpu",dtype="float32",model="tiny-bert-reward"' in text
+    assert f"reward_inference_workers {plan.workers:.1f}" in text
     assert client.get("/openapi.json").json()["paths"].keys() >= {"/score", "/compare", "/get_reward"}
     assert client.get("/docs").status_code == 200
 
@@ -266,6 +271,23 @@ def test_default_batch_tokens_follow_the_device_and_dtype():
     assert settings.batch_tokens_for("cuda:0", "float16") == GPU_BATCH_TOKENS
     assert make_settings("ckpt", max_queue_tokens=512).batch_tokens_for("cuda:0", "float16") == 512  # queue holds one
     assert make_settings("ckpt", max_batch_tokens=4096).batch_tokens_for("cpu", "float32") == 4096  # as set wins
+
+
+def test_the_cpu_is_split_between_two_inference_workers_unless_told_otherwise(monkeypatch):
+    import torch
+
+    from service.backend import ThreadPlan, plan_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)  # OMP_NUM_THREADS=8, or 8 physical cores
+    assert plan_threads("cpu") == ThreadPlan(workers=2, threads_per_worker=4)
+    assert plan_threads("cpu", workers=1) == ThreadPlan(1, 8)
+    assert plan_threads("cpu", workers=3) == ThreadPlan(3, 2)
+    assert plan_threads("cpu", threads=8) == ThreadPlan(1, 8)  # one worker already fills torch's threads
+    assert plan_threads("cpu", threads=2) == ThreadPlan(2, 2)
+    assert plan_threads("cpu", workers=4, threads=1) == ThreadPlan(4, 1)
+    assert plan_threads("cuda") == ThreadPlan(1, None)  # a GPU: one worker, torch's threads left alone
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert plan_threads("cpu") == ThreadPlan(1, 1)
 
 
 def test_batch_settings_reach_the_batcher_limits():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 
 import pytest
@@ -260,3 +261,37 @@ def test_stop_finishes_queued_work_then_refuses_new_work():
 
     results = run(main())
     assert results == [[expected(seq(i, 3))] for i in range(6)]
+
+
+def test_two_workers_compute_two_batches_at_once_and_answer_each_request():
+    barrier = threading.Barrier(2, timeout=10)
+    calls = itertools.count()
+    computed_on: set[str] = set()
+    started_on: list[str] = []
+
+    def forward(batch: list[list[int]]) -> list[float]:
+        computed_on.add(threading.current_thread().name)
+        if next(calls) < 2:
+            barrier.wait()  # BrokenBarrierError (a failed batch) unless a second forward runs at the same time
+        return [expected(ids) for ids in batch]
+
+    batcher = Batcher(
+        forward, BatchLimits(max_batch_size=2, max_wait_s=0.0), workers=2,
+        on_worker_start=lambda: started_on.append(threading.current_thread().name),
+    ).start()
+
+    async def main():
+        requests = [[seq(i, 3 + i % 4), seq(100 + i, 2)] for i in range(10)]
+        results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        assert results == [[expected(ids) for ids in r] for r in requests]
+
+    run(main())
+    assert batcher.stop(5) is True
+    assert sorted(started_on) == ["reward-inference-0", "reward-inference-1"]
+    assert computed_on == set(started_on)
+    assert not batcher.busy
+
+
+def test_a_batcher_needs_a_worker():
+    with pytest.raises(ValueError, match="workers"):
+        Batcher(RecordingForward(), workers=0)
