@@ -1,8 +1,8 @@
-"""The scoring path shared by every route: check limits, tokenize off the event loop, queue, wait, split.
+"""The scoring path shared by every route: check limits, tokenize, queue, wait, split.
 
-route -> validate (schemas) -> :func:`check_limits` -> :meth:`Scorer.score`: tokenize in a worker thread ->
-:meth:`Batcher.submit` -> wait for the future (bounded by the request timeout, abandoned if the client goes away)
--> scores in item order.
+route -> validate (schemas) -> :func:`check_limits` -> :meth:`Scorer.score`: tokenize (a small request on the event
+loop, a larger one in a worker thread) -> :meth:`Batcher.submit` -> wait for the future (bounded by the request
+timeout, abandoned if the client goes away) -> scores in item order.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ except ImportError:  # pragma: no cover - then no chat template can be rendered 
         pass
 
 WaitForDisconnect = Callable[[], Awaitable[None]]
+
+# Requests with at most this many characters of text are tokenized on the event loop (~1.4 ms for 4,096 characters
+# on the 2-core CPU): the hop to a worker thread and back costs more than that for one short text, and a third
+# runnable thread preempts the inference workers more often (docs/benchmarks.md). Longer requests go to a thread.
+INLINE_TOKENIZE_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -53,15 +58,33 @@ def check_limits(
             )
 
 
+def _characters_within(items: Sequence[Mapping[str, Any]], limit: int) -> bool:
+    """Whether the items' text fields (``text``, ``prompt``, ``response``, message contents) hold ≤ ``limit`` chars."""
+    total = 0
+    for item in items:
+        for value in item.values():
+            if isinstance(value, str):
+                total += len(value)
+            elif isinstance(value, list):
+                total += sum(len(m.get("content") or "") for m in value if isinstance(m, Mapping))
+            if total > limit:
+                return False
+    return True
+
+
 def _split_path(path: str) -> list[str | int]:
     return [int(p) if p.isdigit() else p for p in path.split(".") if p]
 
 
 class Scorer:
-    def __init__(self, encoder: ItemEncoder, batcher: Batcher, *, request_timeout_s: float):
+    def __init__(
+        self, encoder: ItemEncoder, batcher: Batcher, *, request_timeout_s: float,
+        inline_chars: int = INLINE_TOKENIZE_CHARS,
+    ):
         self.encoder = encoder
         self.batcher = batcher
         self.request_timeout_s = request_timeout_s
+        self.inline_chars = inline_chars
 
     async def score(
         self,
@@ -73,7 +96,10 @@ class Scorer:
     ) -> Scored:
         """Scores for ``items`` in order. ``locs[i]`` names item i in error messages (``["body", "items", 3]``)."""
         deadline = (started if started is not None else time.monotonic()) + self.request_timeout_s
-        encoded = await anyio.to_thread.run_sync(self._encode, items, locs)
+        if _characters_within(items, self.inline_chars):
+            encoded = self._encode(items, locs)
+        else:
+            encoded = await anyio.to_thread.run_sync(self._encode, items, locs)
         try:
             future = self.batcher.submit([e.input_ids for e in encoded])
         except QueueFull as exc:

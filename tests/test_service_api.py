@@ -297,3 +297,40 @@ def test_batch_settings_reach_the_batcher_limits():
     limits = ServiceRuntime(settings, None).limits
     assert (limits.max_batch_tokens, limits.max_batch_size, limits.overhead_tokens) == (1024, 7, 128)
     assert limits.max_wait_s == pytest.approx(0.0025)
+
+
+def test_short_requests_are_tokenized_on_the_event_loop_and_long_ones_in_a_thread():
+    """A one-text request skips the thread hop; a long one never blocks the event loop while it tokenizes."""
+    import asyncio
+    import threading
+
+    from service.batching import Batcher, BatchLimits
+    from service.scoring import Scorer
+    from training.formatting import Encoded
+
+    tokenized_on: list[threading.Thread] = []
+
+    class RecordingEncoder:
+        def encode(self, item):
+            tokenized_on.append(threading.current_thread())
+            return Encoded(input_ids=[1, 2, 3], truncated=False, original_length=3)
+
+    batcher = Batcher(lambda batch: [float(len(ids)) for ids in batch], BatchLimits(max_wait_s=0.0)).start()
+    scorer = Scorer(RecordingEncoder(), batcher, request_timeout_s=10, inline_chars=100)
+    requests = [
+        [{"text": "x" * 100}],  # at the limit: on the loop
+        [{"prompt": "x" * 60, "response": "y" * 41}],  # 101 characters: in a thread
+        [{"messages": [{"role": "user", "content": "z" * 101}]}],
+        [{"text": "x" * 50}, {"text": "x" * 51}],  # the request's total counts
+    ]
+
+    async def main() -> threading.Thread:
+        for items in requests:
+            scored = await scorer.score(items, locs=[["body", "items", i] for i in range(len(items))])
+            assert scored.scores == [3.0] * len(items)
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(main())
+    assert batcher.stop(5)
+    assert tokenized_on[0] is loop_thread
+    assert all(thread is not loop_thread for thread in tokenized_on[1:]), tokenized_on
