@@ -82,9 +82,9 @@ def run_pass(
     if workers == 1:
         work(None)
     else:
-        import torch
+        from service.backend import torch_default_threads
 
-        per_worker = max(1, torch.get_num_threads() // workers)
+        per_worker = max(1, torch_default_threads() // workers)
         threads = [threading.Thread(target=work, args=(per_worker,)) for _ in range(workers)]
         for thread in threads:
             thread.start()

@@ -6,6 +6,7 @@ this module adds what serving needs: a cheap model version, warm-up, out-of-memo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -137,7 +138,19 @@ class ThreadPlan:
             torch.set_num_threads(self.threads_per_worker)
 
 
-def plan_threads(device: str, workers: int | None = None, threads: int | None = None) -> ThreadPlan:
+@functools.cache
+def torch_default_threads() -> int:
+    """torch's intra-op threads as the process started (``OMP_NUM_THREADS``, else the physical cores).
+
+    Read once: after any thread calls ``torch.set_num_threads``, threads started later inherit that value."""
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+def plan_threads(
+    device: str, workers: int | None = None, threads: int | None = None, available: int | None = None
+) -> ThreadPlan:
     """Split the CPU among inference workers unless told otherwise.
 
     On a CPU the default is two workers sharing torch's threads (``OMP_NUM_THREADS``, else the physical cores):
@@ -147,9 +160,7 @@ def plan_threads(device: str, workers: int | None = None, threads: int | None = 
     """
     if device.startswith("cuda"):
         return ThreadPlan(workers or 1, threads)
-    import torch
-
-    available = max(1, torch.get_num_threads())
+    available = available or torch_default_threads()
     if workers is None:
         per_worker = threads or max(1, available // 2)
         workers = 2 if available >= 2 * per_worker else 1

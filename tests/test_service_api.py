@@ -273,21 +273,43 @@ def test_default_batch_tokens_follow_the_device_and_dtype():
     assert make_settings("ckpt", max_batch_tokens=4096).batch_tokens_for("cpu", "float32") == 4096  # as set wins
 
 
-def test_the_cpu_is_split_between_two_inference_workers_unless_told_otherwise(monkeypatch):
-    import torch
-
+def test_the_cpu_is_split_between_two_inference_workers_unless_told_otherwise():
     from service.backend import ThreadPlan, plan_threads
 
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)  # OMP_NUM_THREADS=8, or 8 physical cores
-    assert plan_threads("cpu") == ThreadPlan(workers=2, threads_per_worker=4)
-    assert plan_threads("cpu", workers=1) == ThreadPlan(1, 8)
-    assert plan_threads("cpu", workers=3) == ThreadPlan(3, 2)
-    assert plan_threads("cpu", threads=8) == ThreadPlan(1, 8)  # one worker already fills torch's threads
-    assert plan_threads("cpu", threads=2) == ThreadPlan(2, 2)
-    assert plan_threads("cpu", workers=4, threads=1) == ThreadPlan(4, 1)
+    def plan(**kwargs):
+        return plan_threads("cpu", available=8, **kwargs)  # OMP_NUM_THREADS=8, or 8 physical cores
+
+    assert plan() == ThreadPlan(workers=2, threads_per_worker=4)
+    assert plan(workers=1) == ThreadPlan(1, 8)
+    assert plan(workers=3) == ThreadPlan(3, 2)
+    assert plan(threads=8) == ThreadPlan(1, 8)  # one worker already fills torch's threads
+    assert plan(threads=2) == ThreadPlan(2, 2)
+    assert plan(workers=4, threads=1) == ThreadPlan(4, 1)
+    assert plan_threads("cpu", available=1) == ThreadPlan(1, 1)
     assert plan_threads("cuda") == ThreadPlan(1, None)  # a GPU: one worker, torch's threads left alone
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert plan_threads("cpu") == ThreadPlan(1, 1)
+
+
+def test_the_thread_plan_reads_torch_before_any_worker_changed_it():
+    """A thread started after another called torch.set_num_threads inherits that value: the plan must not."""
+    import threading
+
+    import torch
+
+    from service.backend import plan_threads, torch_default_threads
+
+    def in_a_new_thread(function, *args):
+        out = []
+        thread = threading.Thread(target=lambda: out.append(function(*args)))
+        thread.start()
+        thread.join()
+        return out[0]
+
+    default = torch_default_threads()
+    in_a_new_thread(torch.set_num_threads, 1)  # as an inference worker does
+    try:
+        assert in_a_new_thread(plan_threads, "cpu") == plan_threads("cpu", available=default)
+    finally:
+        in_a_new_thread(torch.set_num_threads, default)
 
 
 def test_batch_settings_reach_the_batcher_limits():
