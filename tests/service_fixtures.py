@@ -271,7 +271,10 @@ class ThreadedServer:
 
 class ControlledBackend:
     """A real checkpoint backend with test controls: a gate that holds forward passes, a poison token that makes a
-    forward raise, a gate that holds warm-up, and a record of every batch computed."""
+    forward raise, a gate that holds warm-up, and a record of every batch computed.
+
+    Tests that close the gate serve it with ``inference_workers=1``: the held forward is then the only one, and every
+    later item waits in the queue (with two workers the second would take them into a forward of its own)."""
 
     def __init__(self, checkpoint_dir: Path, poison_word: str = "terrible"):
         from service.backend import CheckpointBackend

@@ -32,7 +32,7 @@ def wait_until(condition, timeout: float = 10.0, what: str = "condition") -> Non
 
 
 def test_overload_gets_429_with_retry_after_then_serves_normally(controlled: ControlledBackend, tiny_reward_checkpoint):
-    settings = make_settings(tiny_reward_checkpoint, max_batch_tokens=64, max_queue_tokens=64, max_wait_ms=0)
+    settings = make_settings(tiny_reward_checkpoint, inference_workers=1, max_batch_tokens=64, max_queue_tokens=64, max_wait_ms=0)
     with ThreadedServer(settings, controlled) as server:
         controlled.gate.clear()
 
@@ -63,7 +63,7 @@ def test_overload_gets_429_with_retry_after_then_serves_normally(controlled: Con
 
 
 def test_a_timed_out_request_gets_504_and_its_items_are_never_computed(controlled, tiny_reward_checkpoint):
-    settings = make_settings(tiny_reward_checkpoint, request_timeout_s=0.5, max_wait_ms=0)
+    settings = make_settings(tiny_reward_checkpoint, inference_workers=1, request_timeout_s=0.5, max_wait_ms=0)
     with ThreadedServer(settings, controlled) as server:
         controlled.gate.clear()
 
@@ -86,7 +86,7 @@ def test_a_timed_out_request_gets_504_and_its_items_are_never_computed(controlle
 
 
 def test_a_client_that_goes_away_costs_no_compute(controlled, tiny_reward_checkpoint):
-    settings = make_settings(tiny_reward_checkpoint, max_wait_ms=0)
+    settings = make_settings(tiny_reward_checkpoint, inference_workers=1, max_wait_ms=0)
     with ThreadedServer(settings, controlled) as server:
         controlled.gate.clear()
 

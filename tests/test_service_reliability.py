@@ -55,7 +55,7 @@ def test_the_client_waits_as_retry_after_says_and_nothing_is_lost(controlled, ti
     from service import client as client_module
     from service.client import RetryPolicy, RewardClient
 
-    settings = make_settings(tiny_reward_checkpoint, max_batch_tokens=64, max_queue_tokens=64, max_wait_ms=0)
+    settings = make_settings(tiny_reward_checkpoint, inference_workers=1, max_batch_tokens=64, max_queue_tokens=64, max_wait_ms=0)
     with ThreadedServer(settings, controlled) as server:
         batcher = server.runtime.batcher
         controlled.gate.clear()
@@ -180,8 +180,8 @@ def test_no_code_path_enables_remote_code():
 def test_request_bodies_are_not_logged_even_when_they_fail(controlled, tiny_reward_checkpoint, caplog):
     """Every kind of answer, with the root logger at DEBUG: scored, invalid, too large, failed forward, timed out."""
     caplog.set_level(logging.DEBUG)
-    settings = make_settings(tiny_reward_checkpoint, max_body_bytes=4096, request_timeout_s=0.5, max_wait_ms=0,
-                             api_key="k")
+    settings = make_settings(tiny_reward_checkpoint, inference_workers=1, max_body_bytes=4096, request_timeout_s=0.5,
+                             max_wait_ms=0, api_key="k")
     auth = {"Authorization": "Bearer k"}
     with ThreadedServer(settings, controlled) as server:
         with httpx.Client(base_url=server.url, timeout=30) as http:
