@@ -252,7 +252,8 @@ def test_stop_finishes_queued_work_then_refuses_new_work():
         futures = [batcher.submit([seq(i, 3)]) for i in range(6)]
         await asyncio.to_thread(forward.entered.wait, 5)
         stopper = asyncio.create_task(asyncio.to_thread(batcher.stop, 10))
-        await asyncio.sleep(0.05)
+        while not batcher.stopping:  # the stop has begun (bounded by run()'s timeout)
+            await asyncio.sleep(0.001)
         with pytest.raises(BatcherClosed):
             batcher.submit([seq(9, 3)])
         forward.release.set()
