@@ -1,7 +1,7 @@
 """Cross-request batching: token ids in, one forward pass over many requests' items, scores back.
 
 The contract is small, as in text-embeddings-inference's ``queue.rs``: a request hands :meth:`Batcher.submit` its
-items' token ids and gets an asyncio future; one inference worker thread takes items from the queue in batches and
+items' token ids and gets an asyncio future; an inference worker thread takes items from the queue in batches and
 calls ``forward(list of token-id lists) -> list of floats``; each request's future receives its scores in order.
 The batcher knows nothing of HTTP or of the model.
 
@@ -144,7 +144,7 @@ def _settle(future: asyncio.Future, result: list[float] | None, error: BaseExcep
 
 
 class Batcher:
-    """The queue and its one inference worker thread."""
+    """The queue and its inference worker threads (``workers``, one by default)."""
 
     def __init__(
         self,
