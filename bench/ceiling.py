@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from bench.procstat import CpuProbe
 
@@ -63,12 +63,10 @@ def run_pass(
     feed = _passes(order, seed, min_seconds, started)
     done = 0
 
-    def work(threads: int | None) -> None:
+    def work(set_up_thread: Callable[[], None] | None) -> None:
         nonlocal done
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
+        if set_up_thread is not None:
+            set_up_thread()
         while True:
             with lock:
                 batch = next(feed, None)
@@ -82,10 +80,10 @@ def run_pass(
     if workers == 1:
         work(None)
     else:
-        from service.backend import torch_default_threads
+        from service.backend import plan_threads
 
-        per_worker = max(1, torch_default_threads() // workers)
-        threads = [threading.Thread(target=work, args=(per_worker,)) for _ in range(workers)]
+        plan = plan_threads("cpu", workers=workers)  # the service's split of torch's threads
+        threads = [threading.Thread(target=work, args=(plan.apply,)) for _ in range(workers)]
         for thread in threads:
             thread.start()
         for thread in threads:
