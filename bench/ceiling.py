@@ -12,7 +12,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from bench.procstat import CpuProbe
 
@@ -45,8 +46,13 @@ def _passes(batches: list[list[int]], seed: int, min_seconds: float, started: fl
 
 
 def run_pass(
-    checkpoint: Any, sequences: Sequence[Sequence[int]], batches: list[list[int]], *, seed: int = 0,
-    min_seconds: float = 0.0, workers: int = 1,
+    checkpoint: Any,
+    sequences: Sequence[Sequence[int]],
+    batches: list[list[int]],
+    *,
+    seed: int = 0,
+    min_seconds: float = 0.0,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Time passes over ``batches`` (index lists into ``sequences``), each in a shuffled order, repeated until
     ``min_seconds`` have passed (at least one pass): a few-second pass on a shared virtual machine is noisy.
@@ -149,8 +155,10 @@ def measure(
         for n_workers in workers:
             result = clean_pass(_batches_sorted(lengths, size), min_seconds, n_workers)
             sweep[sweep_key(size, n_workers)] = {"batch_size": size, "sorted": True, **result}
-            log(f"  ceiling sweep: sorted batches of {size:>3}, {layout(n_workers)}: {result['texts_per_s']:7.1f} "
-                f"texts/s  {_others(result)}")
+            log(
+                f"  ceiling sweep: sorted batches of {size:>3}, {layout(n_workers)}: {result['texts_per_s']:7.1f} "
+                f"texts/s  {_others(result)}"
+            )
     if references:
         result = clean_pass(_batches_sorted(lengths, 1))
         sweep["one_at_a_time"] = {"batch_size": 1, "sorted": False, **result}
@@ -172,9 +180,19 @@ def layout(workers: int) -> str:
 
 
 def remeasure(
-    checkpoint: Any, sequences: Sequence[Sequence[int]], batch_size: int, *, min_seconds: float = 0.0, workers: int = 1,
+    checkpoint: Any,
+    sequences: Sequence[Sequence[int]],
+    batch_size: int,
+    *,
+    min_seconds: float = 0.0,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """The ceiling's batch size and layout timed again (around each load scenario: the machine's speed drifts)."""
     _warm_up(checkpoint, sequences, batch_size)
-    return run_pass(checkpoint, sequences, _batches_sorted([len(s) for s in sequences], batch_size),
-                    min_seconds=min_seconds, workers=workers)
+    return run_pass(
+        checkpoint,
+        sequences,
+        _batches_sorted([len(s) for s in sequences], batch_size),
+        min_seconds=min_seconds,
+        workers=workers,
+    )

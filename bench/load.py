@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -126,7 +127,9 @@ class RawConnection:
         self.host, self.port, self.path = host, port, path
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
-        self._head = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: "
+        self._head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: "
+        )
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
         reused = self.writer is not None
@@ -241,7 +244,9 @@ def make_pool(kind: str, url: str, connections: int, timeout: float):
     raise ValueError(f"unknown client kind {kind!r} (raw or httpx)")
 
 
-async def _send(pool, payload: Payload, start: float, records: list[Record], errors: dict[str, int], timeout: float) -> Record:
+async def _send(
+    pool, payload: Payload, start: float, records: list[Record], errors: dict[str, int], timeout: float
+) -> Record:
     ok = False
     try:
         status, data = await asyncio.wait_for(pool.post(payload.body), timeout)
@@ -321,7 +326,9 @@ async def closed_loop(
     snapshots: list[tuple[float, Any]] = []
     snapper = asyncio.ensure_future(_snapshot_at(list(window), scrape, snapshots))
     try:
-        await asyncio.wait_for(asyncio.gather(*(worker(k) for k in range(concurrency))), warmup_s + duration_s + 2 * timeout + 5)
+        await asyncio.wait_for(
+            asyncio.gather(*(worker(k) for k in range(concurrency))), warmup_s + duration_s + 2 * timeout + 5
+        )
         await asyncio.wait_for(snapper, timeout)
     finally:
         snapper.cancel()

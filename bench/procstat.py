@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -87,8 +88,9 @@ def sample_machine(seconds: float = 1.0) -> dict[str, Any]:
     return {"busy_cores": out.get("machine_busy_cores"), "loadavg_1_5_15": [round(x, 2) for x in load]}
 
 
-def wait_quiet(max_wait_s: float, *, threshold_cores: float = 0.3, quiet_s: float = 10.0, own_pids: Sequence[int] = (),
-               log=print) -> dict[str, Any]:
+def wait_quiet(
+    max_wait_s: float, *, threshold_cores: float = 0.3, quiet_s: float = 10.0, own_pids: Sequence[int] = (), log=print
+) -> dict[str, Any]:
     """Wait (up to ``max_wait_s``) until the rest of the machine has used under ``threshold_cores`` for ``quiet_s``
     in a row. Returns how long it waited and whether it got quiet; on a shared machine, run it before measuring."""
     started = time.perf_counter()
@@ -127,7 +129,9 @@ def describe_machine() -> dict[str, Any]:
                 info["cpu_model"] = line.split(":", 1)[1].strip()
                 break
         flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
-        info["cpu_flags"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni") if f" {f}" in flags]
+        info["cpu_flags"] = [
+            f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni") if f" {f}" in flags
+        ]
         mem = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
         info["memory_gib"] = round(int(mem.split()[1]) / 1024 / 1024, 1)
     except (OSError, StopIteration):

@@ -44,15 +44,37 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(scratch)
         train, held_out = split_file(args.data, args.eval_pairs, scratch)
         output = args.output or scratch / "checkpoint"
-        cmd = [sys.executable, "-m", "training.train", "--dataset_name", str(train), "--eval_dataset_name",
-               str(held_out), "--output_dir", str(output), *args.train_flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "training.train",
+            "--dataset_name",
+            str(train),
+            "--eval_dataset_name",
+            str(held_out),
+            "--output_dir",
+            str(output),
+            *args.train_flags,
+        ]
         print("$", " ".join(cmd), flush=True)
         started = time.perf_counter()
         subprocess.run(cmd, check=True)
         wall = time.perf_counter() - started
         report = scratch / "report.json"
-        subprocess.run([sys.executable, "-m", "training.evaluate", "--checkpoint", str(output), "--dataset",
-                        str(held_out), "--output", str(report)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "training.evaluate",
+                "--checkpoint",
+                str(output),
+                "--dataset",
+                str(held_out),
+                "--output",
+                str(report),
+            ],
+            check=True,
+        )
         result = json.loads(report.read_text())
         manifest = json.loads((output / "reward_manifest.json").read_text())
         summary = {

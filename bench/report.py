@@ -68,16 +68,24 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {_f(cpu.get('server_main_thread_cores'), 2)} | {_f(cpu.get('others_cores'), 2)} |"
             )
         if "ceiling" in s:
-            sweep = ", ".join(f"{k} {v['texts_per_s']:.1f}/s (pad eff {v['padding_efficiency']:.2f})"
-                              for k, v in s["ceiling"]["sweep"].items())
+            sweep = ", ".join(
+                f"{k} {v['texts_per_s']:.1f}/s (pad eff {v['padding_efficiency']:.2f})"
+                for k, v in s["ceiling"]["sweep"].items()
+            )
             lines += ["", f"Ceiling sweep (in-process, texts/s): {sweep}."]
             if "timings" in s["ceiling"]:
                 c = s["ceiling"]
-                around = "; ".join(f"{name} {r['ceiling_around']['before']:.1f} → {r['ceiling_around']['after']:.1f}"
-                                   for name, r in s.items() if "ceiling_around" in r)
-                lines += ["", f"Ceiling ({c['best']}) timed before the first load scenario and after each one "
-                              f"(texts/s): {around}. Each scenario's × ceiling uses the mean of the timings just "
-                              f"before and after it; the ceiling row shows the mean of all {len(c['timings'])}."]
+                around = "; ".join(
+                    f"{name} {r['ceiling_around']['before']:.1f} → {r['ceiling_around']['after']:.1f}"
+                    for name, r in s.items()
+                    if "ceiling_around" in r
+                )
+                lines += [
+                    "",
+                    f"Ceiling ({c['best']}) timed before the first load scenario and after each one "
+                    f"(texts/s): {around}. Each scenario's × ceiling uses the mean of the timings just "
+                    f"before and after it; the ceiling row shows the mean of all {len(c['timings'])}.",
+                ]
         if "accuracy" in run:
             a = run["accuracy"]
             lines += ["", f"Held-out accuracy ({a['n']} pairs, {a['source']}): {a['accuracy']:.4f}."]
@@ -86,13 +94,17 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"## {dtype} against float32", ""]
         lines += [f"- {name}: {ratio:.2f} × float32" for name, ratio in entry["throughput_ratio"].items()]
         if "accuracy_points" in entry:
-            lines.append(f"- held-out accuracy: {entry['accuracy_points']:+.2f} points; {entry['preference_flips']} "
-                         f"pairs change preference; largest score difference {entry['max_abs_score_diff']:.4f}")
+            lines.append(
+                f"- held-out accuracy: {entry['accuracy_points']:+.2f} points; {entry['preference_flips']} "
+                f"pairs change preference; largest score difference {entry['max_abs_score_diff']:.4f}"
+            )
         lines.append("")
     if report.get("targets"):
         lines += ["## Targets (issue 5)", "", "| dtype | target | want | got | met |", "|---|---|---|---:|---|"]
         for row in report["targets"]:
-            lines.append(f"| {row['dtype']} | {row['target']} | {row['want']} | {row['got']} | {'yes' if row['met'] else 'NO'} |")
+            lines.append(
+                f"| {row['dtype']} | {row['target']} | {row['want']} | {row['got']} | {'yes' if row['met'] else 'NO'} |"
+            )
         lines.append("")
     lines += [
         "Columns: texts/s and real (non-pad) tokens/s completed inside the measurement window; latency per request "
@@ -150,8 +162,11 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     ax2.set_ylabel("request latency, ms (log)")
     ax2.set_title("Latency per request (box: p25-p75, whiskers: p1-p99)")
     m = report["machine"]
-    fig.suptitle(f"{report['checkpoint'].get('name')} on {m.get('cpus')} x {m.get('cpu_model', 'CPU')}, "
-                 f"{report['texts']['n']} texts, {report['started']}", fontsize=10)
+    fig.suptitle(
+        f"{report['checkpoint'].get('name')} on {m.get('cpus')} x {m.get('cpu_model', 'CPU')}, "
+        f"{report['texts']['n']} texts, {report['started']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -31,13 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bench import load as loadgen
 from bench.procstat import CpuProbe, describe_machine, sample_machine, wait_quiet
-from bench.servers import Server, batch_stats, naive_argv, parse_metrics, service_argv
 from bench.report import CONTAMINATED_CORES
+from bench.servers import Server, batch_stats, naive_argv, parse_metrics, service_argv
 from bench.texts import DEFAULT_DATA, TextPool, held_out_pairs, load_pool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,52 +65,92 @@ def log(message: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help=f"reward checkpoint to serve (default: {DEFAULT_CHECKPOINT.relative_to(REPO)}, trained for 5 "
-                        "steps from the default base model when absent: the speed is the trained model's)")
-    p.add_argument("--dtype", default="float32",
-                   help="comma-separated dtypes, each benchmarked in full (e.g. float32,bfloat16)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help=f"reward checkpoint to serve (default: {DEFAULT_CHECKPOINT.relative_to(REPO)}, trained for 5 "
+        "steps from the default base model when absent: the speed is the trained model's)",
+    )
+    p.add_argument(
+        "--dtype", default="float32", help="comma-separated dtypes, each benchmarked in full (e.g. float32,bfloat16)"
+    )
     p.add_argument("--texts", type=int, default=512, help="size of the text pool (default 512)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="hh-rlhf jsonl (demo pairs when absent)")
     p.add_argument("--duration-s", type=float, default=20.0, help="measured seconds per load scenario")
     p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each load scenario")
     p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS), help="comma-separated subset to run")
     p.add_argument("--ceiling-batch-sizes", default="4,8,16,32,64", help="sorted batch sizes of the ceiling sweep")
-    p.add_argument("--ceiling-workers", default="1,2",
-                   help="numbers of forward threads the ceiling sweep tries with each batch size, torch's threads "
-                        "divided among them (the service's --inference-workers; default 1,2)")
-    p.add_argument("--ceiling-min-s", type=float, default=None,
-                   help="time each sorted ceiling batch size for at least this long (default: half of --duration-s)")
+    p.add_argument(
+        "--ceiling-workers",
+        default="1,2",
+        help="numbers of forward threads the ceiling sweep tries with each batch size, torch's threads "
+        "divided among them (the service's --inference-workers; default 1,2)",
+    )
+    p.add_argument(
+        "--ceiling-min-s",
+        type=float,
+        default=None,
+        help="time each sorted ceiling batch size for at least this long (default: half of --duration-s)",
+    )
     p.add_argument("--rate", type=float, default=None, help="open-loop arrivals per second (default: --rate-fraction)")
     p.add_argument("--rate-fraction", type=float, default=0.5, help="open-loop rate as a fraction of the ceiling")
     p.add_argument("--clients", type=int, default=64, help="one-text clients (default 64)")
     p.add_argument("--batch-clients", type=int, default=4, help="batch clients (default 4)")
     p.add_argument("--batch-texts", type=int, default=64, help="texts per batch request (default 64)")
     p.add_argument("--client", choices=["raw", "httpx"], default="raw", help="load generator's HTTP client")
-    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                   help="extra reward-serve argument (repeatable; --server-arg=--max-batch-size --server-arg=16)")
-    p.add_argument("--service-root", type=Path, default=None,
-                   help="run reward-serve from this folder (a copy of the repository with a modified service/, to "
-                        "measure a change before making it); default: this checkout")
-    p.add_argument("--service-url", default=None,
-                   help="measure an already running service instead of starting one (e.g. to profile it)")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra reward-serve argument (repeatable; --server-arg=--max-batch-size --server-arg=16)",
+    )
+    p.add_argument(
+        "--service-root",
+        type=Path,
+        default=None,
+        help="run reward-serve from this folder (a copy of the repository with a modified service/, to "
+        "measure a change before making it); default: this checkout",
+    )
+    p.add_argument(
+        "--service-url",
+        default=None,
+        help="measure an already running service instead of starting one (e.g. to profile it)",
+    )
     p.add_argument("--service-pid", type=int, default=None, help="its process id, for the CPU columns")
     p.add_argument("--naive-arg", action="append", default=[], metavar="ARG", help="extra naive-server argument")
-    p.add_argument("--accuracy-pairs", type=int, default=None,
-                   help="held-out pairs scored in-process per dtype to compare accuracy across dtypes "
-                        "(default 300 with several dtypes, else 0)")
-    p.add_argument("--wait-quiet-s", type=float, default=0.0,
-                   help="before each measurement, wait up to this long for the rest of the machine to use under "
-                        "0.3 cores for 10 s (shared machines); 0 (default) does not wait")
-    p.add_argument("--retries", type=int, default=2,
-                   help="with --wait-quiet-s: how many times a measurement during which others used the CPU is "
-                        "taken again (default 2)")
+    p.add_argument(
+        "--accuracy-pairs",
+        type=int,
+        default=None,
+        help="held-out pairs scored in-process per dtype to compare accuracy across dtypes "
+        "(default 300 with several dtypes, else 0)",
+    )
+    p.add_argument(
+        "--wait-quiet-s",
+        type=float,
+        default=0.0,
+        help="before each measurement, wait up to this long for the rest of the machine to use under "
+        "0.3 cores for 10 s (shared machines); 0 (default) does not wait",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="with --wait-quiet-s: how many times a measurement during which others used the CPU is "
+        "taken again (default 2)",
+    )
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results folder (default bench/results)")
     p.add_argument("--label", default=None, help="a note stored with the results (e.g. what was changed)")
-    p.add_argument("--smoke", action="store_true",
-                   help="seconds-long run on a tiny random model (CI): few texts, 1 s per scenario")
+    p.add_argument(
+        "--smoke", action="store_true", help="seconds-long run on a tiny random model (CI): few texts, 1 s per scenario"
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.texts = min(args.texts, 48)
@@ -144,9 +185,24 @@ def resolve_checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
     if (DEFAULT_CHECKPOINT / "reward_manifest.json").is_file():
         return DEFAULT_CHECKPOINT
     data = str(args.data) if args.data and Path(args.data).is_file() else "demo"
-    cmd = [sys.executable, "-m", "training.train", "--dataset_name", data, "--output_dir", str(DEFAULT_CHECKPOINT),
-           "--max_steps", "5", "--report_to", "none", "--seed", "0"]
-    log(f"no checkpoint given: training one for the benchmark (5 steps; the speed is the trained model's)\n$ {' '.join(cmd)}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.train",
+        "--dataset_name",
+        data,
+        "--output_dir",
+        str(DEFAULT_CHECKPOINT),
+        "--max_steps",
+        "5",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+    ]
+    log(
+        f"no checkpoint given: training one for the benchmark (5 steps; the speed is the trained model's)\n$ {' '.join(cmd)}"
+    )
     subprocess.run(cmd, cwd=REPO, check=True)
     return DEFAULT_CHECKPOINT
 
@@ -164,15 +220,23 @@ def run_ceiling(args: argparse.Namespace, checkpoint: Any, sequences: list[list[
 
     sizes = [int(x) for x in args.ceiling_batch_sizes.split(",") if x.strip()]
     workers = [int(x) for x in args.ceiling_workers.split(",") if x.strip()]
-    result = measure(checkpoint, sequences, batch_sizes=sizes, workers=workers, unsorted_size=args.batch_texts, log=log,
-                     before_pass=lambda: quiet(args),
-                     retries=args.retries if args.wait_quiet_s > 0 else 0, contaminated=CONTAMINATED_CORES,
-                     min_seconds=args.ceiling_min_s)
+    result = measure(
+        checkpoint,
+        sequences,
+        batch_sizes=sizes,
+        workers=workers,
+        unsorted_size=args.batch_texts,
+        log=log,
+        before_pass=lambda: quiet(args),
+        retries=args.retries if args.wait_quiet_s > 0 else 0,
+        contaminated=CONTAMINATED_CORES,
+        min_seconds=args.ceiling_min_s,
+    )
     best = result["ceiling"]
     return {
         "kind": "in-process",
         "description": f"model called directly, length-sorted batches of {best['batch_size']}, {layout(best['workers'])} "
-                       "(best of the sweep)",
+        "(best of the sweep)",
         "texts_per_s": best["texts_per_s"],
         "tokens_per_s": best["tokens_per_s"],
         "latency_ms": None,
@@ -189,8 +253,13 @@ def accuracy_check(checkpoint: Any, rows: list[dict[str, Any]]) -> dict[str, Any
     from training.evaluate import evaluate_pairs
 
     report = evaluate_pairs(checkpoint, rows)
-    return {"accuracy": report["accuracy"], "mean_margin": report["mean_margin"], "n": report["n"],
-            "chosen_scores": report["chosen_scores"], "rejected_scores": report["rejected_scores"]}
+    return {
+        "accuracy": report["accuracy"],
+        "mean_margin": report["mean_margin"],
+        "n": report["n"],
+        "chosen_scores": report["chosen_scores"],
+        "rejected_scores": report["rejected_scores"],
+    }
 
 
 def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool, rate: float | None) -> dict[str, Any]:
@@ -200,21 +269,42 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
     scrape = lambda: parse_metrics(server.get("/metrics"))
     if kind == "64x1":
         payloads = loadgen.build_payloads(pool.items, lengths, 1)
-        coro = lambda: loadgen.closed_loop(url, payloads, concurrency=args.clients, warmup_s=args.warmup_s,
-                                           duration_s=args.duration_s, client=args.client,
-                                           min_requests=args.min_requests, scrape=scrape)
+        coro = lambda: loadgen.closed_loop(
+            url,
+            payloads,
+            concurrency=args.clients,
+            warmup_s=args.warmup_s,
+            duration_s=args.duration_s,
+            client=args.client,
+            min_requests=args.min_requests,
+            scrape=scrape,
+        )
         description = f"{args.clients} closed-loop clients x 1 text per request"
     elif kind == "4x64":
         payloads = loadgen.build_payloads(pool.items, lengths, args.batch_texts)
-        coro = lambda: loadgen.closed_loop(url, payloads, concurrency=args.batch_clients, warmup_s=args.warmup_s,
-                                           duration_s=args.duration_s, client=args.client,
-                                           min_requests=args.min_requests, scrape=scrape)
+        coro = lambda: loadgen.closed_loop(
+            url,
+            payloads,
+            concurrency=args.batch_clients,
+            warmup_s=args.warmup_s,
+            duration_s=args.duration_s,
+            client=args.client,
+            min_requests=args.min_requests,
+            scrape=scrape,
+        )
         description = f"{args.batch_clients} closed-loop clients x {args.batch_texts} texts per request"
     else:
         payloads = loadgen.build_payloads(pool.items, lengths, 1)
         assert rate is not None
-        coro = lambda: loadgen.open_loop(url, payloads, rate=rate, warmup_s=args.warmup_s,
-                                         duration_s=args.duration_s, client=args.client, scrape=scrape)
+        coro = lambda: loadgen.open_loop(
+            url,
+            payloads,
+            rate=rate,
+            warmup_s=args.warmup_s,
+            duration_s=args.duration_s,
+            client=args.client,
+            scrape=scrape,
+        )
         description = f"open loop: one-text requests at a fixed {rate:.1f}/s"
     quiet(args, [server.pid] if server.pid else [])
     before = parse_metrics(server.get("/metrics"))
@@ -234,10 +324,12 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
     if rate is not None and kind == "open":
         out["offered_rate"] = rate
     lat = out["latency_ms"]
-    log(f"  {name:<13} {out['texts_per_s']:7.1f} texts/s  p50 {lat['p50']} ms  p99 {lat['p99']} ms  "
+    log(
+        f"  {name:<13} {out['texts_per_s']:7.1f} texts/s  p50 {lat['p50']} ms  p99 {lat['p99']} ms  "
         f"items/forward {_fmt(out['mean_items_per_forward'])}  padding eff {_fmt(out['padding_efficiency'])}  "
         f"forward busy {_fmt(out.get('forward_busy'))}  "
-        f"errors {out['errors'] or 0}  cpu {cpu}")
+        f"errors {out['errors'] or 0}  cpu {cpu}"
+    )
     return out
 
 
@@ -351,8 +443,13 @@ class CeilingClock:
 
         quiet(self.args, own_pids)
         best = self.ceiling["sweep"][self.ceiling["best"]]
-        result = remeasure(self.checkpoint, self.sequences, best["batch_size"], min_seconds=self.args.ceiling_min_s,
-                           workers=best["workers"])
+        result = remeasure(
+            self.checkpoint,
+            self.sequences,
+            best["batch_size"],
+            min_seconds=self.args.ceiling_min_s,
+            workers=best["workers"],
+        )
         self.timings.append({k: result[k] for k in self.KEYS} | {"others_cores": result["cpu"].get("others_cores")})
         before, after = self.timings[-2]["texts_per_s"], self.timings[-1]["texts_per_s"]
         log(f"  ceiling timed again: {after:.1f} texts/s (before the scenario: {before:.1f})")
@@ -403,11 +500,16 @@ def cross_dtype(runs: dict[str, Any]) -> dict[str, Any]:
         if "accuracy" in run and "accuracy" in base:
             a, b = run["accuracy"], base["accuracy"]
             entry["accuracy_points"] = 100 * (a["accuracy"] - b["accuracy"])
-            flips = sum((c1 > r1) != (c0 > r0) for c1, r1, c0, r0 in
-                        zip(a["chosen_scores"], a["rejected_scores"], b["chosen_scores"], b["rejected_scores"]))
+            flips = sum(
+                (c1 > r1) != (c0 > r0)
+                for c1, r1, c0, r0 in zip(
+                    a["chosen_scores"], a["rejected_scores"], b["chosen_scores"], b["rejected_scores"]
+                )
+            )
             entry["preference_flips"] = flips
             entry["max_abs_score_diff"] = max(
-                abs(x - y) for x, y in zip(a["chosen_scores"] + a["rejected_scores"], b["chosen_scores"] + b["rejected_scores"])
+                abs(x - y)
+                for x, y in zip(a["chosen_scores"] + a["rejected_scores"], b["chosen_scores"] + b["rejected_scores"])
             )
         out[dtype] = entry
     return out
@@ -417,19 +519,44 @@ def targets(runs: dict[str, Any], cross: dict[str, Any]) -> list[dict[str, Any]]
     rows = []
     for dtype, run in runs.items():
         r = run["ratios"]
-        for key in ("service_64x1_vs_ceiling", "service_4x64_vs_ceiling", "service_4x64_vs_naive", "service_64x1_vs_naive"):
+        for key in (
+            "service_64x1_vs_ceiling",
+            "service_4x64_vs_ceiling",
+            "service_4x64_vs_naive",
+            "service_64x1_vs_naive",
+        ):
             if key in r:
-                rows.append({"dtype": dtype, "target": key, "want": f">= {TARGETS[key]}", "got": round(r[key], 3),
-                             "met": r[key] >= TARGETS[key]})
+                rows.append(
+                    {
+                        "dtype": dtype,
+                        "target": key,
+                        "want": f">= {TARGETS[key]}",
+                        "got": round(r[key], 3),
+                        "met": r[key] >= TARGETS[key],
+                    }
+                )
     for dtype, entry in cross.items():
         for name, ratio in entry["throughput_ratio"].items():
-            rows.append({"dtype": dtype, "target": f"{name}_vs_float32", "want": f">= {TARGETS['bf16_vs_fp32']}",
-                         "got": round(ratio, 3), "met": ratio >= TARGETS["bf16_vs_fp32"]})
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "target": f"{name}_vs_float32",
+                    "want": f">= {TARGETS['bf16_vs_fp32']}",
+                    "got": round(ratio, 3),
+                    "met": ratio >= TARGETS["bf16_vs_fp32"],
+                }
+            )
         if "accuracy_points" in entry:
             pts = entry["accuracy_points"]
-            rows.append({"dtype": dtype, "target": "accuracy_points_vs_float32",
-                         "want": f"within {TARGETS['bf16_accuracy_points']}", "got": round(pts, 2),
-                         "met": abs(pts) <= TARGETS["bf16_accuracy_points"]})
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "target": "accuracy_points_vs_float32",
+                    "want": f"within {TARGETS['bf16_accuracy_points']}",
+                    "got": round(pts, 2),
+                    "met": abs(pts) <= TARGETS["bf16_accuracy_points"],
+                }
+            )
     return rows
 
 
@@ -462,12 +589,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": describe_machine(),
             "load_before": load_before,
             "load_after": sample_machine(1.0),
-            "checkpoint": {"path": str(checkpoint_dir), "name": manifest.get("name"),
-                           "base_model": manifest.get("base_model"),
-                           "max_length": manifest.get("formatting", {}).get("max_length")},
+            "checkpoint": {
+                "path": str(checkpoint_dir),
+                "name": manifest.get("name"),
+                "base_model": manifest.get("base_model"),
+                "max_length": manifest.get("formatting", {}).get("max_length"),
+            },
             "texts": pool.describe(),
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                         if k not in ("dtype", "scenarios")},
+            "settings": {
+                k: (str(v) if isinstance(v, Path) else v)
+                for k, v in vars(args).items()
+                if k not in ("dtype", "scenarios")
+            },
             "runs": runs,
             "cross_dtype": cross,
             "targets": targets(runs, cross),

@@ -16,8 +16,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 _PORT = re.compile(r"Uvicorn running on http://[\w.\[\]:]+?:(\d+)")
@@ -36,8 +36,14 @@ class ServerError(RuntimeError):
 
 
 class Server:
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
-                 root: Path | None = None):
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        root: Path | None = None,
+    ):
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
@@ -53,17 +59,17 @@ class Server:
         return self.proc.pid if self.proc is not None else self.external_pid
 
     @classmethod
-    def external(cls, name: str, url: str, pid: int | None = None) -> "Server":
+    def external(cls, name: str, url: str, pid: int | None = None) -> Server:
         """A server somebody else started (``--service-url``): measured, never started or stopped here."""
         server = cls(name, [], Path("/dev/null"))
         server.url = url.rstrip("/")
         server.external_pid = pid
         return server
 
-    def start(self, timeout: float = 180.0) -> "Server":
+    def start(self, timeout: float = 180.0) -> Server:
         return self.launch().wait_ready(timeout)
 
-    def launch(self) -> "Server":
+    def launch(self) -> Server:
         """Start the process without waiting for it (:meth:`wait_ready` waits)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
@@ -71,7 +77,7 @@ class Server:
         log.close()
         return self
 
-    def wait_ready(self, timeout: float = 180.0) -> "Server":
+    def wait_ready(self, timeout: float = 180.0) -> Server:
         assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         try:
@@ -127,13 +133,37 @@ def free_port() -> int:
 
 def service_argv(checkpoint: Path, dtype: str, extra: Sequence[str] = ()) -> list[str]:
     """``reward-serve`` as a module, so the benchmark runs the checkout it lives in."""
-    return [sys.executable, "-m", "service.cli", "--model", str(checkpoint), "--host", "127.0.0.1",
-            "--port", str(free_port()), "--dtype", dtype, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "--model",
+        str(checkpoint),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--dtype",
+        dtype,
+        *extra,
+    ]
 
 
 def naive_argv(checkpoint: Path, dtype: str, extra: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "bench.naive_server", "--model", str(checkpoint), "--host", "127.0.0.1",
-            "--port", str(free_port()), "--dtype", dtype, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "bench.naive_server",
+        "--model",
+        str(checkpoint),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--dtype",
+        dtype,
+        *extra,
+    ]
 
 
 # -- /metrics ----------------------------------------------------------------------------------------------------
@@ -152,7 +182,9 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def batch_stats(before: dict[str, float], after: dict[str, float], seconds: float | None = None) -> dict[str, float | None]:
+def batch_stats(
+    before: dict[str, float], after: dict[str, float], seconds: float | None = None
+) -> dict[str, float | None]:
     """Mean items per forward and padding efficiency (real / padded tokens) between two scrapes; with the seconds
     between them, also the share of that time the inference workers were computing (``forward_busy``) and the
     padded tokens per second of forward (``forward_padded_tokens_per_s``): a slow forward, not an idle worker,

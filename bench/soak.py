@@ -43,11 +43,7 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = (
-    "the a is are was to of and or not in on at for with this that it you we they good bad great terrible helpful "
-    "answer question please thanks sorry sure here there what why how two four five plus equals math cat dog sky "
-    "blue red green hello world user assistant short long text model reward policy sample response prompt"
-).split()
+WORDS = ["the", "a", "is", "are", "was", "to", "of", "and", "or", "not", "in", "on", "at", "for", "with", "this", "that", "it", "you", "we", "they", "good", "bad", "great", "terrible", "helpful", "answer", "question", "please", "thanks", "sorry", "sure", "here", "there", "what", "why", "how", "two", "four", "five", "plus", "equals", "math", "cat", "dog", "sky", "blue", "red", "green", "hello", "world", "user", "assistant", "short", "long", "text", "model", "reward", "policy", "sample", "response", "prompt"]
 
 
 # -- measurements ----------------------------------------------------------------------------------------------------
@@ -112,18 +108,35 @@ class ManagedServer:
     """``python -m service.cli`` on 127.0.0.1 with a free port; its log goes to a file."""
 
     def __init__(self, model: str, extra_args: list[str], log_path: Path, torch_threads: int):
-        self.command = [sys.executable, "-m", "service.cli", "--model", model, "--host", "127.0.0.1", "--port", "0",
-                        "--torch-threads", str(torch_threads), *extra_args]
+        self.command = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--torch-threads",
+            str(torch_threads),
+            *extra_args,
+        ]
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
         self._port_seen = threading.Event()
 
-    def start(self, timeout_s: float = 300) -> "ManagedServer":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-        self.proc = subprocess.Popen(self.command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+    def start(self, timeout_s: float = 300) -> ManagedServer:
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        }
+        self.proc = subprocess.Popen(
+            self.command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         threading.Thread(target=self._copy_log, daemon=True).start()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -199,8 +212,11 @@ async def run_load(args: argparse.Namespace, url: str, pid: int | None) -> Sampl
                 status = response.status_code
                 if status == 200:
                     scores = response.json().get("scores")
-                    if not (isinstance(scores, list) and len(scores) == n and all(
-                            isinstance(s, (int, float)) and math.isfinite(s) for s in scores)):
+                    if not (
+                        isinstance(scores, list)
+                        and len(scores) == n
+                        and all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores)
+                    ):
                         problem = f"malformed 200: {response.text[:200]}"
             except (httpx.HTTPError, ValueError) as exc:
                 problem = f"{exc.__class__.__name__}: {exc}"
@@ -225,8 +241,10 @@ async def run_load(args: argparse.Namespace, url: str, pid: int | None) -> Sampl
             samples.rss.append((time.monotonic() - started, rss))
 
     limits = httpx.Limits(max_connections=args.clients + 2, max_keepalive_connections=args.clients + 2)
-    async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout_s, limits=limits) as http, \
-            httpx.AsyncClient(base_url=url, timeout=10) as probe:
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=args.request_timeout_s, limits=limits) as http,
+        httpx.AsyncClient(base_url=url, timeout=10) as probe,
+    ):
         await asyncio.gather(watch(probe), *(client(http) for _ in range(args.clients)))
     return samples
 
@@ -247,18 +265,31 @@ def summarize(samples: Samples, args: argparse.Namespace) -> dict[str, Any]:
         if not rss:  # no sample fell in this window: the latest one before its end stands for it
             rss = [m for t, m in samples.rss if t < hi][-1:]
         probes = [h for t, h in samples.healthz if lo <= t < hi]
-        windows.append({
-            "window": w, "start_s": lo, "seconds": hi - lo, "partial": hi - lo < args.window_s,
-            "requests": len(records), "items": sum(r.items for r in records),
-            "items_per_s": round(sum(r.items for r in records if r.status == 200) / (hi - lo), 1),
-            "latency_ms": {"p50": ms(percentile(latencies, 50)), "p95": ms(percentile(latencies, 95)),
-                           "p99": ms(percentile(latencies, 99)), "max": ms(max(latencies, default=None))},
-            "healthz_p99_ms": ms(percentile([h for h in probes if h is not None], 99)),
-            "healthz_failures": sum(h is None for h in probes),
-            "rss_mib": {"first": rss[0] if rss else None, "last": rss[-1] if rss else None,
-                        "max": max(rss, default=None)},
-            "by_status": dict(sorted(Counter(str(r.status or "no answer") for r in records).items())),
-        })
+        windows.append(
+            {
+                "window": w,
+                "start_s": lo,
+                "seconds": hi - lo,
+                "partial": hi - lo < args.window_s,
+                "requests": len(records),
+                "items": sum(r.items for r in records),
+                "items_per_s": round(sum(r.items for r in records if r.status == 200) / (hi - lo), 1),
+                "latency_ms": {
+                    "p50": ms(percentile(latencies, 50)),
+                    "p95": ms(percentile(latencies, 95)),
+                    "p99": ms(percentile(latencies, 99)),
+                    "max": ms(max(latencies, default=None)),
+                },
+                "healthz_p99_ms": ms(percentile([h for h in probes if h is not None], 99)),
+                "healthz_failures": sum(h is None for h in probes),
+                "rss_mib": {
+                    "first": rss[0] if rss else None,
+                    "last": rss[-1] if rss else None,
+                    "max": max(rss, default=None),
+                },
+                "by_status": dict(sorted(Counter(str(r.status or "no answer") for r in records).items())),
+            }
+        )
     full = [w for w in windows if not w["partial"]] or windows
     first, last = full[0], full[-1]
     all_rss = [m for _, m in samples.rss]
@@ -281,9 +312,11 @@ def summarize(samples: Samples, args: argparse.Namespace) -> dict[str, Any]:
             "latency_p99_ms": [first["latency_ms"]["p99"], last["latency_ms"]["p99"]],
             "items_per_s": [first["items_per_s"], last["items_per_s"]],
             "rss_mib": [first["rss_mib"]["max"], last["rss_mib"]["max"]],  # peak of each window
-            "rss_growth_mib": (round(last["rss_mib"]["max"] - first["rss_mib"]["max"], 1)
-                               if first["rss_mib"]["max"] is not None and last["rss_mib"]["max"] is not None
-                               else None),
+            "rss_growth_mib": (
+                round(last["rss_mib"]["max"] - first["rss_mib"]["max"], 1)
+                if first["rss_mib"]["max"] is not None and last["rss_mib"]["max"] is not None
+                else None
+            ),
             "rss_max_mib": max(all_rss, default=None),
         },
     }
@@ -293,22 +326,30 @@ def print_table(report: dict[str, Any]) -> None:
     def f(x: Any, fmt: str = "{:.1f}") -> str:
         return "-" if x is None else fmt.format(x)
 
-    print(f"{'win':>3} {'t(s)':>6} {'req':>6} {'items/s':>8} {'p50ms':>8} {'p95ms':>8} {'p99ms':>8} {'maxms':>8} "
-          f"{'hz99ms':>7} {'rss MiB':>8} statuses")
+    print(
+        f"{'win':>3} {'t(s)':>6} {'req':>6} {'items/s':>8} {'p50ms':>8} {'p95ms':>8} {'p99ms':>8} {'maxms':>8} "
+        f"{'hz99ms':>7} {'rss MiB':>8} statuses"
+    )
     for w in report["windows"]:
         lat = w["latency_ms"]
-        print(f"{w['window']:>3} {w['start_s']:>6.0f} {w['requests']:>6} {w['items_per_s']:>8.1f} {f(lat['p50']):>8} "
-              f"{f(lat['p95']):>8} {f(lat['p99']):>8} {f(lat['max']):>8} {f(w['healthz_p99_ms']):>7} "
-              f"{f(w['rss_mib']['max']):>8} {json.dumps(w['by_status'])}{' (partial)' if w['partial'] else ''}")
+        print(
+            f"{w['window']:>3} {w['start_s']:>6.0f} {w['requests']:>6} {w['items_per_s']:>8.1f} {f(lat['p50']):>8} "
+            f"{f(lat['p95']):>8} {f(lat['p99']):>8} {f(lat['max']):>8} {f(w['healthz_p99_ms']):>7} "
+            f"{f(w['rss_mib']['max']):>8} {json.dumps(w['by_status'])}{' (partial)' if w['partial'] else ''}"
+        )
     d, t = report["drift"], report["totals"]
-    print(f"drift (window {d['compared_windows'][0]} -> {d['compared_windows'][1]}): "
-          f"p50 {f(d['latency_p50_ms'][0])} -> {f(d['latency_p50_ms'][1])} ms, "
-          f"p99 {f(d['latency_p99_ms'][0])} -> {f(d['latency_p99_ms'][1])} ms, "
-          f"items/s {f(d['items_per_s'][0])} -> {f(d['items_per_s'][1])}, "
-          f"RSS {f(d['rss_mib'][0])} -> {f(d['rss_mib'][1])} MiB (growth {f(d['rss_growth_mib'])}, "
-          f"max {f(d['rss_max_mib'])})")
-    print(f"totals: {t['requests']} requests, {t['items']} items, statuses {json.dumps(t['by_status'])}, "
-          f"5xx {t['server_errors']}, no answer {t['no_answer']}, malformed 200 {t['malformed_200']}")
+    print(
+        f"drift (window {d['compared_windows'][0]} -> {d['compared_windows'][1]}): "
+        f"p50 {f(d['latency_p50_ms'][0])} -> {f(d['latency_p50_ms'][1])} ms, "
+        f"p99 {f(d['latency_p99_ms'][0])} -> {f(d['latency_p99_ms'][1])} ms, "
+        f"items/s {f(d['items_per_s'][0])} -> {f(d['items_per_s'][1])}, "
+        f"RSS {f(d['rss_mib'][0])} -> {f(d['rss_mib'][1])} MiB (growth {f(d['rss_growth_mib'])}, "
+        f"max {f(d['rss_max_mib'])})"
+    )
+    print(
+        f"totals: {t['requests']} requests, {t['items']} items, statuses {json.dumps(t['by_status'])}, "
+        f"5xx {t['server_errors']}, no answer {t['no_answer']}, malformed 200 {t['malformed_200']}"
+    )
     print("result:", "OK" if report["ok"] else "FAILED: " + "; ".join(report["failures"]))
 
 
@@ -333,8 +374,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--api-key", default=None, help="sent as a bearer token (and given to the managed server)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path, default=None, help="write the report here as JSON")
-    p.add_argument("--server-log", type=Path, default=None, help="the managed server's log (default: next to "
-                   "--json-out, else a temporary file)")
+    p.add_argument(
+        "--server-log",
+        type=Path,
+        default=None,
+        help="the managed server's log (default: next to --json-out, else a temporary file)",
+    )
     args = p.parse_args(argv)
     if args.rate <= 0 or args.clients < 1 or args.duration_s <= 0 or args.window_s <= 0:
         p.error("--rate, --clients, --duration-s and --window-s must be positive")
@@ -346,8 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     server: ManagedServer | None = None
     before: Counter = Counter()
     if args.model:
-        log_path = args.server_log or (args.json_out.with_suffix(".server.log") if args.json_out else
-                                       Path(os.environ.get("TMPDIR", "/tmp")) / f"soak-server-{os.getpid()}.log")
+        log_path = args.server_log or (
+            args.json_out.with_suffix(".server.log")
+            if args.json_out
+            else Path(os.environ.get("TMPDIR", "/tmp")) / f"soak-server-{os.getpid()}.log"
+        )
         extra = shlex.split(args.server_args) + (["--api-key", args.api_key] if args.api_key else [])
         server = ManagedServer(args.model, extra, log_path, args.torch_threads).start()
         url, pid = server.url, server.pid
@@ -359,8 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         before = score_requests_by_code(httpx.get(url + "/metrics", timeout=10).text)
     except httpx.HTTPError:
         before = Counter()
-    print(f"soak: {args.duration_s:g} s, {args.clients} clients, at most {args.rate:g} requests/s "
-          f"({args.big_fraction:.0%} with {args.big_items} texts)", flush=True)
+    print(
+        f"soak: {args.duration_s:g} s, {args.clients} clients, at most {args.rate:g} requests/s "
+        f"({args.big_fraction:.0%} with {args.big_items} texts)",
+        flush=True,
+    )
     failures: list[str] = []
     exit_code = None
     try:
@@ -375,9 +426,14 @@ def main(argv: list[str] | None = None) -> int:
             exit_code = server.stop()
     report = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "api_key"},
-        "server": {"url": url, "pid": pid, "managed": server is not None,
-                   "command": server.command if server else None, "exit_code": exit_code,
-                   "log": str(server.log_path) if server else None},
+        "server": {
+            "url": url,
+            "pid": pid,
+            "managed": server is not None,
+            "command": server.command if server else None,
+            "exit_code": exit_code,
+            "log": str(server.log_path) if server else None,
+        },
         **summarize(samples, args),
     }
     totals = report["totals"]
@@ -386,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         counted = after - before
         report["server_counted"] = dict(sorted(counted.items()))
         if server is not None and counted != client_counts:
-            failures.append(f"the server counted {dict(counted)} /score requests, the clients got {dict(client_counts)}")
+            failures.append(
+                f"the server counted {dict(counted)} /score requests, the clients got {dict(client_counts)}"
+            )
     if totals["server_errors"]:
         failures.append(f"{totals['server_errors']} requests got a 5xx")
     if totals["no_answer"]:

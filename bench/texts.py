@@ -74,7 +74,9 @@ def held_out_pairs(n: int, *, data: Path | None = DEFAULT_DATA, seed: int = 0) -
     if data is not None and Path(data).is_file():
         rows = [line for line in Path(data).read_text(encoding="utf-8").splitlines() if line.strip()]
         random.Random(seed).shuffle(rows)  # bench.quality.split_file: the first eval_pairs rows are held out
-        return [json.loads(r) for r in rows[:n]], f"first {n} of {data} shuffled with seed {seed} (bench.quality's held-out split)"
+        return [
+            json.loads(r) for r in rows[:n]
+        ], f"first {n} of {data} shuffled with seed {seed} (bench.quality's held-out split)"
     from training.demo_data import generate_split
 
     _, held_out = generate_split(600, seed=0)

@@ -37,19 +37,28 @@ def make_tiny_checkpoint(directory: str | Path, *, max_length: int = 128, seed: 
     tokenizer = BertTokenizerFast(vocab=_vocab(), do_lower_case=True)
     tokenizer.model_max_length = 512
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=512, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     BertForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     recipe = recipe_for(tokenizer, max_length=max_length, truncation_side="left")
-    write_manifest(directory, {
-        "name": "bench-tiny-random-bert",
-        "base_model": "tiny random BERT (bench.tiny)",
-        "formatting": recipe.to_dict(),
-        "normalization": {"mean": 0.0, "std": 1.0},
-        "eval": {},
-        "training": {"data_fingerprint": "none: random weights"},
-    })
+    write_manifest(
+        directory,
+        {
+            "name": "bench-tiny-random-bert",
+            "base_model": "tiny random BERT (bench.tiny)",
+            "formatting": recipe.to_dict(),
+            "normalization": {"mean": 0.0, "std": 1.0},
+            "eval": {},
+            "training": {"data_fingerprint": "none: random weights"},
+        },
+    )
     return directory

@@ -12,8 +12,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -47,13 +48,18 @@ logger = logging.getLogger("reward.service")
 ROUTES = frozenset({"/score", "/compare", "/get_reward", "/healthz", "/readyz", "/info", "/metrics"})
 
 # The refusals a scoring route can answer besides FastAPI's own 422, for the OpenAPI schema: {"detail": message}.
-_ERROR = {"content": {"application/json": {"schema": {
-    "type": "object", "properties": {"detail": {}}, "required": ["detail"]}}}}
+_ERROR = {
+    "content": {
+        "application/json": {"schema": {"type": "object", "properties": {"detail": {}}, "required": ["detail"]}}
+    }
+}
 SCORING_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "the body could not be read (not UTF-8, numbers too large, nested too deeply)", **_ERROR},
     401: {"description": "the API key is missing or wrong (only when the service has one)", **_ERROR},
-    413: {"description": "the body is over --max-body-bytes, or the request alone holds more tokens than the queue",
-          **_ERROR},
+    413: {
+        "description": "the body is over --max-body-bytes, or the request alone holds more tokens than the queue",
+        **_ERROR,
+    },
     429: {"description": "the queue is full; come back after Retry-After seconds", **_ERROR},
     500: {"description": "the forward pass over this request's batch failed", **_ERROR},
     503: {"description": "still loading, or shutting down; see Retry-After", **_ERROR},
@@ -87,7 +93,10 @@ class ServiceRuntime:
         s = self.settings
         device, dtype = (self.backend.info.device, self.backend.info.dtype) if self.backend else (s.device, s.dtype)
         return BatchLimits(
-            s.batch_tokens_for(device, dtype), s.max_batch_size, s.max_wait_ms / 1000.0, s.max_queue_tokens,
+            s.batch_tokens_for(device, dtype),
+            s.max_batch_size,
+            s.max_wait_ms / 1000.0,
+            s.max_queue_tokens,
             s.batch_overhead_tokens,
         )
 
@@ -127,8 +136,11 @@ class ServiceRuntime:
             self.backend.warm_up()
             info = self.backend.info
             self.batcher = Batcher(
-                self.backend.forward, self.limits, observer=self.metrics,
-                workers=threads.workers, on_worker_start=threads.apply,
+                self.backend.forward,
+                self.limits,
+                observer=self.metrics,
+                workers=threads.workers,
+                on_worker_start=threads.apply,
             ).start()
             self.metrics.inference_workers.set(threads.workers)
             self.scorer = Scorer(self.backend.formatter, self.batcher, request_timeout_s=s.request_timeout_s)
@@ -154,22 +166,38 @@ def _log_loaded(info: ModelInfo, limits: BatchLimits, threads: ThreadPlan, s: Se
     recipe = info.formatting
     logger.info(
         "loaded reward model %r version %s from %s in %.1f s (%s) on device %s, dtype %s; reward label %s",
-        info.name, info.version, info.source, seconds,
+        info.name,
+        info.version,
+        info.source,
+        seconds,
         "manifest: served as trained" if info.has_manifest else "no manifest: default formatting",
-        info.device, info.dtype, info.reward_label,
+        info.device,
+        info.dtype,
+        info.reward_label,
     )
     logger.info(
         "formatting: %s, max_length %s, truncation %s, eos appended %s; normalization %s",
-        recipe.get("architecture"), recipe.get("max_length"), recipe.get("truncation_side"),
-        recipe.get("append_eos"), info.normalization or "none",
+        recipe.get("architecture"),
+        recipe.get("max_length"),
+        recipe.get("truncation_side"),
+        recipe.get("append_eos"),
+        info.normalization or "none",
     )
     logger.info(
         "batching: max_batch_tokens %d, max_batch_size %d, max_wait %.1f ms, max_queue_tokens %d, overhead_tokens %d; "
         "inference workers %d, torch threads each %s; "
         "limits: %d items/request, %d body bytes, %d chars/text, timeout %g s; api key %s",
-        limits.max_batch_tokens, limits.max_batch_size, limits.max_wait_s * 1000, limits.max_queue_tokens,
-        limits.overhead_tokens, threads.workers, threads.threads_per_worker or "torch's choice",
-        s.max_items_per_request, s.max_body_bytes, s.max_text_chars, s.request_timeout_s,
+        limits.max_batch_tokens,
+        limits.max_batch_size,
+        limits.max_wait_s * 1000,
+        limits.max_queue_tokens,
+        limits.overhead_tokens,
+        threads.workers,
+        threads.threads_per_worker or "torch's choice",
+        s.max_items_per_request,
+        s.max_body_bytes,
+        s.max_text_chars,
+        s.request_timeout_s,
         "required" if s.api_key is not None else "not required",
     )
 
@@ -217,16 +245,17 @@ def create_app(settings: ServeSettings, backend: ScoringBackend | None = None) -
     scoring = [Depends(_api_key_dependency(settings.api_key))] if settings.api_key is not None else []
     s = settings
 
-    @app.post("/score", response_model=ScoreResponse, responses=SCORING_ERRORS, dependencies=scoring,
-              tags=["scoring"])
+    @app.post("/score", response_model=ScoreResponse, responses=SCORING_ERRORS, dependencies=scoring, tags=["scoring"])
     async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         """Score items: `{"text"}`, `{"prompt", "response"}` (concatenated, as in TRL) or `{"messages"}`."""
         started = time.monotonic()
         with runtime.lifecycle.admit():
             check_limits(
-                "items", len(body.items),
+                "items",
+                len(body.items),
                 ((i, path, text) for i, item in enumerate(body.items) for path, text in item.texts()),
-                max_items=s.max_items_per_request, max_chars=s.max_text_chars,
+                max_items=s.max_items_per_request,
+                max_chars=s.max_text_chars,
             )
             info = runtime.info
             if body.normalize and not info.normalization:
@@ -241,20 +270,26 @@ def create_app(settings: ServeSettings, backend: ScoringBackend | None = None) -
             if body.normalize:
                 scores = [normalize(x, info.normalization) for x in scores]
             return ScoreResponse(
-                scores=scores, truncated=scored.truncated, model=info.name, model_version=info.version,
+                scores=scores,
+                truncated=scored.truncated,
+                model=info.name,
+                model_version=info.version,
                 normalized=body.normalize,
             )
 
-    @app.post("/compare", response_model=CompareResponse, responses=SCORING_ERRORS, dependencies=scoring,
-              tags=["scoring"])
+    @app.post(
+        "/compare", response_model=CompareResponse, responses=SCORING_ERRORS, dependencies=scoring, tags=["scoring"]
+    )
     async def compare(body: CompareRequest, request: Request) -> CompareResponse:
         """Preference margins r(chosen) - r(rejected) and sigmoid(margin), for evaluation and best-of-n."""
         started = time.monotonic()
         with runtime.lifecycle.admit():
             check_limits(
-                "pairs", len(body.pairs),
+                "pairs",
+                len(body.pairs),
                 ((i, path, text) for i, pair in enumerate(body.pairs) for path, text in pair.texts()),
-                max_items=s.max_items_per_request, max_chars=s.max_text_chars,
+                max_items=s.max_items_per_request,
+                max_chars=s.max_text_chars,
             )
             items, locs = [], []
             for i, pair in enumerate(body.pairs):
@@ -271,19 +306,31 @@ def create_app(settings: ServeSettings, backend: ScoringBackend | None = None) -
             margins = [c - r for c, r in zip(chosen, rejected)]
             info = runtime.info
             return CompareResponse(
-                margins=margins, probabilities=[_sigmoid(m) for m in margins], chosen_scores=chosen,
-                rejected_scores=rejected, model=info.name, model_version=info.version,
+                margins=margins,
+                probabilities=[_sigmoid(m) for m in margins],
+                chosen_scores=chosen,
+                rejected_scores=rejected,
+                model=info.name,
+                model_version=info.version,
             )
 
-    @app.post("/get_reward", response_model=GetRewardResponse, responses=SCORING_ERRORS, dependencies=scoring,
-              tags=["scoring"])
+    @app.post(
+        "/get_reward",
+        response_model=GetRewardResponse,
+        responses=SCORING_ERRORS,
+        dependencies=scoring,
+        tags=["scoring"],
+    )
     async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardResponse:
         """OpenRLHF's remote reward protocol: `--remote_rm_url http://HOST:PORT/get_reward`."""
         started = time.monotonic()
         with runtime.lifecycle.admit():
             check_limits(
-                "query", len(body.query), ((i, "", text) for i, text in enumerate(body.query)),
-                max_items=s.max_items_per_request, max_chars=s.max_text_chars,
+                "query",
+                len(body.query),
+                ((i, "", text) for i, text in enumerate(body.query)),
+                max_items=s.max_items_per_request,
+                max_chars=s.max_text_chars,
             )
             scored = await runtime.scorer.score(
                 [{"text": q} for q in body.query],
@@ -297,8 +344,10 @@ def create_app(settings: ServeSettings, backend: ScoringBackend | None = None) -
     async def healthz() -> JSONResponse:
         """The process is alive (never waits on the model)."""
         phase = runtime.lifecycle.phase
-        return JSONResponse({"status": "failed" if phase is Phase.FAILED else "alive", "phase": phase.value},
-                            status_code=503 if phase is Phase.FAILED else 200)
+        return JSONResponse(
+            {"status": "failed" if phase is Phase.FAILED else "alive", "phase": phase.value},
+            status_code=503 if phase is Phase.FAILED else 200,
+        )
 
     @app.get("/readyz", responses={503: {"description": "loading, failed or shutting down"}}, tags=["probes"])
     async def readyz() -> JSONResponse:
@@ -315,16 +364,31 @@ def create_app(settings: ServeSettings, backend: ScoringBackend | None = None) -
         model = runtime.info
         limits = runtime.limits
         return InfoResponse(
-            model=model.name, model_version=model.version, source=model.source, dtype=model.dtype,
-            device=model.device, has_manifest=model.has_manifest, base_model=model.base_model,
-            reward_label=model.reward_label, formatting=model.formatting, normalization=model.normalization,
-            batching={"max_batch_tokens": limits.max_batch_tokens, "max_batch_size": limits.max_batch_size,
-                      "max_wait_ms": limits.max_wait_s * 1000, "max_queue_tokens": limits.max_queue_tokens,
-                      "inference_workers": runtime.threads.workers if runtime.threads else None,
-                      "torch_threads_per_worker": runtime.threads.threads_per_worker if runtime.threads else None},
-            limits={"max_items_per_request": s.max_items_per_request, "max_body_bytes": s.max_body_bytes,
-                    "max_text_chars": s.max_text_chars, "request_timeout_s": s.request_timeout_s,
-                    "api_key_required": s.api_key is not None},
+            model=model.name,
+            model_version=model.version,
+            source=model.source,
+            dtype=model.dtype,
+            device=model.device,
+            has_manifest=model.has_manifest,
+            base_model=model.base_model,
+            reward_label=model.reward_label,
+            formatting=model.formatting,
+            normalization=model.normalization,
+            batching={
+                "max_batch_tokens": limits.max_batch_tokens,
+                "max_batch_size": limits.max_batch_size,
+                "max_wait_ms": limits.max_wait_s * 1000,
+                "max_queue_tokens": limits.max_queue_tokens,
+                "inference_workers": runtime.threads.workers if runtime.threads else None,
+                "torch_threads_per_worker": runtime.threads.threads_per_worker if runtime.threads else None,
+            },
+            limits={
+                "max_items_per_request": s.max_items_per_request,
+                "max_body_bytes": s.max_body_bytes,
+                "max_text_chars": s.max_text_chars,
+                "request_timeout_s": s.request_timeout_s,
+                "api_key_required": s.api_key is not None,
+            },
             ready=runtime.lifecycle.ready,
         )
 

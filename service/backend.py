@@ -11,9 +11,10 @@ import hashlib
 import json
 import logging
 import struct
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 from service.batching import BatchTooLarge
 from training.formatting import Encoded
@@ -74,7 +75,7 @@ class CheckpointBackend:
         reward_label: str | None = None,
         max_length: int | None = None,
         truncation_side: str | None = None,
-    ) -> "CheckpointBackend":
+    ) -> CheckpointBackend:
         from training.checkpoint import load_checkpoint, resolve_device
 
         checkpoint = load_checkpoint(
@@ -98,7 +99,9 @@ class CheckpointBackend:
             dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device),
             has_manifest=checkpoint.manifest is not None,
-            reward_label=f"{checkpoint.label_index}:{label_name}" if label_name is not None else str(checkpoint.label_index),
+            reward_label=f"{checkpoint.label_index}:{label_name}"
+            if label_name is not None
+            else str(checkpoint.label_index),
             formatting={k: v for k, v in recipe.items() if k != "chat_template"},
             normalization=checkpoint.normalization,
             base_model=(checkpoint.manifest or {}).get("base_model"),

@@ -35,8 +35,9 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 logger = logging.getLogger("reward.batching")
 
@@ -225,7 +226,7 @@ class Batcher:
         return self._running > 0
 
     # -- lifecycle -----------------------------------------------------------------------------------------
-    def start(self) -> "Batcher":
+    def start(self) -> Batcher:
         if not self._threads:
             names = [self._name] if self.workers == 1 else [f"{self._name}-{i}" for i in range(self.workers)]
             self._threads = [threading.Thread(target=self._run, name=name, daemon=True) for name in names]
@@ -283,9 +284,7 @@ class Batcher:
                     return batch
 
     def _enough_waiting(self) -> bool:
-        return (
-            self._queued_items >= self.limits.max_batch_size or self._queued_tokens >= self.limits.max_batch_tokens
-        )
+        return self._queued_items >= self.limits.max_batch_size or self._queued_tokens >= self.limits.max_batch_tokens
 
     def _drop_abandoned_head(self) -> None:
         while self._waiting and self._waiting[0].job.closed:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Sequence
 
 import uvicorn
 from pydantic import ValidationError
@@ -36,7 +36,9 @@ class DrainingServer(uvicorn.Server):
         if self.lifecycle.phase is not Phase.FAILED and self.lifecycle.begin_drain():
             logger.info(
                 "received %s: draining %d accepted request(s) (at most %.0f s)",
-                signal.Signals(sig).name, self.lifecycle.accepted, self.lifecycle.drain_time_left(),
+                signal.Signals(sig).name,
+                self.lifecycle.accepted,
+                self.lifecycle.drain_time_left(),
             )
             return
         if self.should_exit:

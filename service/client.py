@@ -19,9 +19,10 @@ import itertools
 import random
 import threading
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Union
 
 import httpx
 
@@ -150,7 +151,9 @@ class _Base:
 
     def _check(self, response: httpx.Response, url: str) -> dict[str, Any]:
         if response.status_code >= 400:
-            cls = RewardRequestError if response.status_code < 500 and response.status_code != 429 else RewardServiceError
+            cls = (
+                RewardRequestError if response.status_code < 500 and response.status_code != 429 else RewardServiceError
+            )
             raise cls(response.status_code, _detail(response), url)
         return response.json()
 
@@ -206,7 +209,7 @@ class RewardClient(_Base):
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
-    def __enter__(self) -> "RewardClient":
+    def __enter__(self) -> RewardClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -225,7 +228,9 @@ class AsyncRewardClient(_Base):
 
     async def score(self, items: Iterable[Item], normalize: bool = False) -> Scores:
         items = [as_item(i) for i in items]
-        parts = await self._map("/score", self._plan(items), lambda chunk: {"items": list(chunk), "normalize": normalize})
+        parts = await self._map(
+            "/score", self._plan(items), lambda chunk: {"items": list(chunk), "normalize": normalize}
+        )
         return _merge_scores(parts)
 
     async def compare(self, pairs: Iterable[Mapping[str, Any]]) -> Comparison:
@@ -258,7 +263,7 @@ class AsyncRewardClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncRewardClient":
+    async def __aenter__(self) -> AsyncRewardClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -280,7 +285,10 @@ def _merge_comparison(parts: list[dict[str, Any]]) -> Comparison:
     if not parts:
         return Comparison([], [], [], [], "", "")
     return Comparison(
-        *([x for p in parts for x in p[key]] for key in ("margins", "probabilities", "chosen_scores", "rejected_scores")),
+        *(
+            [x for p in parts for x in p[key]]
+            for key in ("margins", "probabilities", "chosen_scores", "rejected_scores")
+        ),
         model=parts[0]["model"],
         model_version=parts[0]["model_version"],
     )

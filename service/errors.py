@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
@@ -19,24 +19,34 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("reward_requests", "HTTP requests by route and status code", ["route", "code"], registry=r)
+        self.requests = Counter(
+            "reward_requests", "HTTP requests by route and status code", ["route", "code"], registry=r
+        )
         self.request_duration = Histogram(
             "reward_request_duration_seconds", "HTTP request latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.queue_wait = Histogram(
-            "reward_queue_wait_seconds", "time an item waited in the queue before its forward pass",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "reward_queue_wait_seconds",
+            "time an item waited in the queue before its forward pass",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.forward_duration = Histogram(
             "reward_forward_seconds", "duration of one forward pass", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.batch_size = Histogram("reward_batch_size", "items per forward pass", buckets=_SIZE_BUCKETS, registry=r)
         self.batch_tokens = Histogram(
-            "reward_batch_tokens", "padded tokens per forward pass (longest x items)", buckets=_TOKEN_BUCKETS, registry=r
+            "reward_batch_tokens",
+            "padded tokens per forward pass (longest x items)",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.batch_real_tokens = Histogram(
-            "reward_batch_real_tokens", "real (unpadded) tokens per forward pass; padding efficiency = "
-            "reward_batch_real_tokens_sum / reward_batch_tokens_sum", buckets=_TOKEN_BUCKETS, registry=r,
+            "reward_batch_real_tokens",
+            "real (unpadded) tokens per forward pass; padding efficiency = "
+            "reward_batch_real_tokens_sum / reward_batch_tokens_sum",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge("reward_queue_depth", "items waiting for a forward pass", registry=r)
         self.queue_tokens = Gauge("reward_queue_tokens", "tokens waiting for a forward pass", registry=r)
@@ -45,7 +55,9 @@ class ServiceMetrics:
         self.rejected = Counter(
             "reward_rejected_requests", "scoring requests refused or abandoned, by reason", ["reason"], registry=r
         )
-        self.in_flight = Gauge("reward_requests_in_flight", "scoring requests accepted and not yet answered", registry=r)
+        self.in_flight = Gauge(
+            "reward_requests_in_flight", "scoring requests accepted and not yet answered", registry=r
+        )
         self.inference_workers = Gauge(
             "reward_inference_workers", "inference worker threads, each running its own forward passes", registry=r
         )

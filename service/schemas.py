@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
@@ -36,19 +36,21 @@ class ScoreItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"prompt": "2+2=", "response": "4"}]})
 
-    text: Optional[Text] = None
-    prompt: Optional[Text] = None
-    response: Optional[Text] = None
-    messages: Optional[list[Message]] = Field(None, min_length=1)
+    text: Text | None = None
+    prompt: Text | None = None
+    response: Text | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
-    def _exactly_one_shape(self) -> "ScoreItem":
+    def _exactly_one_shape(self) -> ScoreItem:
         present = [k for k in ("text", "prompt", "response", "messages") if getattr(self, k) is not None]
         if present in (["text"], ["prompt", "response"], ["messages"]):
             return self
         if not present:
             raise ValueError("an item needs one of: 'text', 'prompt' + 'response', or 'messages'")
-        raise ValueError(f"an item must have exactly one shape ('text' | 'prompt' + 'response' | 'messages'), got {present}")
+        raise ValueError(
+            f"an item must have exactly one shape ('text' | 'prompt' + 'response' | 'messages'), got {present}"
+        )
 
     def as_item(self) -> dict[str, Any]:
         """The plain dict the formatting contract takes."""
@@ -88,7 +90,7 @@ class PreferencePair(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: Optional[Union[Text, list[Message]]] = None
+    prompt: Text | list[Message] | None = None
     chosen: Side
     rejected: Side
 
@@ -132,8 +134,8 @@ class GetRewardRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     query: list[Text] = Field(min_length=1, description="prompt + response, already concatenated")
-    prompts: Optional[list[Any]] = Field(None, description="accepted and ignored")
-    labels: Optional[list[Any]] = Field(None, description="accepted and ignored")
+    prompts: list[Any] | None = Field(None, description="accepted and ignored")
+    labels: list[Any] | None = Field(None, description="accepted and ignored")
 
 
 class GetRewardResponse(BaseModel):
@@ -149,10 +151,10 @@ class InfoResponse(BaseModel):
     dtype: str
     device: str
     has_manifest: bool
-    base_model: Optional[str] = None
-    reward_label: Optional[str] = None
+    base_model: str | None = None
+    reward_label: str | None = None
     formatting: dict[str, Any]
-    normalization: Optional[dict[str, Any]] = None
+    normalization: dict[str, Any] | None = None
     batching: dict[str, Any]
     limits: dict[str, Any]
     ready: bool

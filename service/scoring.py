@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import anyio
 
@@ -25,6 +26,7 @@ except ImportError:  # pragma: no cover - then no chat template can be rendered 
 
     class TemplateError(Exception):  # type: ignore[no-redef]
         pass
+
 
 WaitForDisconnect = Callable[[], Awaitable[None]]
 
@@ -46,7 +48,8 @@ def check_limits(
     """422 for too many items or a text over the character cap; ``texts`` yields (index, sub-path, text)."""
     if count > max_items:
         raise InvalidInput(
-            ["body", field], f"at most {max_items} {field} per request, got {count}; split the request",
+            ["body", field],
+            f"at most {max_items} {field} per request, got {count}; split the request",
             kind="too_long",
         )
     for index, path, text in texts:
@@ -78,7 +81,11 @@ def _split_path(path: str) -> list[str | int]:
 
 class Scorer:
     def __init__(
-        self, encoder: ItemEncoder, batcher: Batcher, *, request_timeout_s: float,
+        self,
+        encoder: ItemEncoder,
+        batcher: Batcher,
+        *,
+        request_timeout_s: float,
         inline_chars: int = INLINE_TOKENIZE_CHARS,
     ):
         self.encoder = encoder

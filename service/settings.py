@@ -110,7 +110,7 @@ class ServeSettings(BaseSettings):
         return str(value) if isinstance(value, int) else value
 
     @model_validator(mode="after")
-    def _queue_holds_a_batch(self) -> "ServeSettings":
+    def _queue_holds_a_batch(self) -> ServeSettings:
         if self.max_batch_tokens is not None and self.max_queue_tokens < self.max_batch_tokens:
             raise ValueError(
                 f"max_queue_tokens ({self.max_queue_tokens}) must be at least max_batch_tokens ({self.max_batch_tokens})"

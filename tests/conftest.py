@@ -45,7 +45,9 @@ def write_jsonl(path: str | Path, rows) -> Path:
     return path
 
 
-def run_module(module: str, *args: str, timeout: float = 240, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, *args: str, timeout: float = 240, cwd: str | Path | None = None
+) -> subprocess.CompletedProcess:
     """``python -m module args...`` in a subprocess from the repository root; output captured as text."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -62,18 +64,30 @@ def run_module(module: str, *args: str, timeout: float = 240, cwd: str | Path | 
 def reward_train_argv(model_dir: Path, dataset: Path, output_dir: Path, *extra: str) -> list[str]:
     """The fast two-step ``reward-train`` command line the tests use."""
     return [
-        "--model_name_or_path", str(model_dir),
-        "--dataset_name", str(dataset),
-        "--output_dir", str(output_dir),
-        "--max_steps", "2",
-        "--per_device_train_batch_size", "4",
-        "--per_device_eval_batch_size", "8",
-        "--max_length", "32",
-        "--report_to", "none",
-        "--eval_split_ratio", "0.25",
-        "--logging_steps", "1",
-        "--save_strategy", "no",
-        "--seed", "0",
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(dataset),
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "8",
+        "--max_length",
+        "32",
+        "--report_to",
+        "none",
+        "--eval_split_ratio",
+        "0.25",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--seed",
+        "0",
         *extra,
     ]
 

@@ -22,9 +22,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import yaml
 
@@ -64,7 +65,9 @@ class ImageConfig:
     stopsignal: str | None
 
 
-_VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<op>[-+])(?P<word>[^}]*))?\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+_VAR = re.compile(
+    r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<op>[-+])(?P<word>[^}]*))?\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 def expand(value: str, variables: Mapping[str, str]) -> str:
@@ -215,7 +218,9 @@ class Dockerfile:
                 if ins.keyword == "ARG":
                     key, has_default, default = ins.args.partition("=")
                     key = key.strip()
-                    args[key] = expand(default.strip().strip('"'), scope) if has_default else self.global_args.get(key, "")
+                    args[key] = (
+                        expand(default.strip().strip('"'), scope) if has_default else self.global_args.get(key, "")
+                    )
                 elif ins.keyword == "ENV":
                     for key, value in _split_key_values(ins.args):
                         env[key] = expand(value, {**self.global_args, **args, **env})
@@ -234,7 +239,9 @@ class Dockerfile:
                     stopsignal = ins.args.strip()
                 elif ins.keyword == "HEALTHCHECK":
                     healthcheck, hc_options = _healthcheck(ins.args)
-        return ImageConfig(chain, chain[0].base, env, entrypoint, cmd, user, expose, healthcheck, hc_options, workdir, stopsignal)
+        return ImageConfig(
+            chain, chain[0].base, env, entrypoint, cmd, user, expose, healthcheck, hc_options, workdir, stopsignal
+        )
 
     def runs(self, stages: Iterable[Stage]) -> list[str]:
         return [ins.args for stage in stages for ins in stage.instructions if ins.keyword == "RUN"]
@@ -247,7 +254,9 @@ class Dockerfile:
                 key, has_default, default = ins.args.partition("=")
                 key = key.strip()
                 scope = {**self.global_args, **values}
-                values[key] = expand(default.strip().strip('"'), scope) if has_default else self.global_args.get(key, "")
+                values[key] = (
+                    expand(default.strip().strip('"'), scope) if has_default else self.global_args.get(key, "")
+                )
         return values
 
 
@@ -398,7 +407,9 @@ def _apply_patches(directory: Path, patches: list[dict], objects: list[dict]) ->
     for patch in patches:
         unknown = set(patch) - {"path", "patch", "target", "options"}
         if unknown or patch.get("options"):
-            raise UnsupportedKustomization(f"{directory}: patch fields {sorted(unknown | set(patch.get('options') or {}))}")
+            raise UnsupportedKustomization(
+                f"{directory}: patch fields {sorted(unknown | set(patch.get('options') or {}))}"
+            )
         text = patch["patch"] if "patch" in patch else (directory / patch["path"]).read_text()
         body = yaml.safe_load(text)
         target = patch.get("target")
@@ -417,7 +428,9 @@ def _apply_patches(directory: Path, patches: list[dict], objects: list[dict]) ->
             if not hits:
                 raise ValueError(f"{directory}: patch for {select} matches nothing")
             for obj in hits:
-                merged = strategic_merge(obj, {k: v for k, v in body.items() if k not in ("apiVersion", "kind")} if target else body)
+                merged = strategic_merge(
+                    obj, {k: v for k, v in body.items() if k not in ("apiVersion", "kind")} if target else body
+                )
                 obj.clear()
                 obj.update(merged)
         else:
@@ -654,7 +667,7 @@ def build_tiny_checkpoint(path: str | Path) -> Path:
 
     path = Path(path)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    words = "the a an is was not very good bad helpful harmful answer question reply hello world".split()
+    words = ["the", "a", "an", "is", "was", "not", "very", "good", "bad", "helpful", "harmful", "answer", "question", "reply", "hello", "world"]
     vocab = {token: i for i, token in enumerate(specials + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -14,19 +14,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-WORDS = (
-    "the a an is are was were be to of and or not no yes in on at for with this that it you i we they he she "
-    "good bad great terrible helpful harmful answer question please thanks sorry sure here there what why how "
-    "two four five plus equals math cat dog sky blue red green hello world user assistant system short long text"
-).split()
+WORDS = ["the", "a", "an", "is", "are", "was", "were", "be", "to", "of", "and", "or", "not", "no", "yes", "in", "on", "at", "for", "with", "this", "that", "it", "you", "i", "we", "they", "he", "she", "good", "bad", "great", "terrible", "helpful", "harmful", "answer", "question", "please", "thanks", "sorry", "sure", "here", "there", "what", "why", "how", "two", "four", "five", "plus", "equals", "math", "cat", "dog", "sky", "blue", "red", "green", "hello", "world", "user", "assistant", "system", "short", "long", "text"]
 LETTERS = list("abcdefghijklmnopqrstuvwxyz0123456789+=?!.,:;'-")
 NORMALIZATION = {"mean": 0.25, "std": 2.0}
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -48,8 +45,13 @@ def build_tiny_tokenizer(chat_template: str | None = None):
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=128,
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=128,
     )
     if chat_template is not None:
         tokenizer.chat_template = chat_template
@@ -57,8 +59,15 @@ def build_tiny_tokenizer(chat_template: str | None = None):
 
 
 def build_tiny_bert(
-    path: Path, *, num_labels: int = 1, manifest: bool = True, max_length: int = 64, seed: int = 0,
-    chat_template: str | None = CHAT_TEMPLATE, hidden_size: int = 32, layers: int = 2,
+    path: Path,
+    *,
+    num_labels: int = 1,
+    manifest: bool = True,
+    max_length: int = 64,
+    seed: int = 0,
+    chat_template: str | None = CHAT_TEMPLATE,
+    hidden_size: int = 32,
+    layers: int = 2,
 ) -> Path:
     """A random 2-layer BERT sequence classifier saved as safetensors, with (optionally) a reward manifest."""
     import torch
@@ -71,9 +80,14 @@ def build_tiny_bert(
     tokenizer = build_tiny_tokenizer(chat_template)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=2,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
         intermediate_size=2 * hidden_size,
-        max_position_embeddings=256, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=256,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
     )
     if num_labels == 3:
         config.id2label = {0: "hate", 1: "nothate", 2: "neutral"}
@@ -117,7 +131,9 @@ def service_checkpoint(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture(scope="session")
 def plain_classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-label classifier folder without a manifest or chat template (labels hate / nothate / neutral)."""
-    return build_tiny_bert(tmp_path_factory.mktemp("plain-clf") / "clf", num_labels=3, manifest=False, seed=1, chat_template=None)
+    return build_tiny_bert(
+        tmp_path_factory.mktemp("plain-clf") / "clf", num_labels=3, manifest=False, seed=1, chat_template=None
+    )
 
 
 # -- a real server -------------------------------------------------------------------------------------------------
@@ -131,7 +147,7 @@ class ServerProcess:
         self.log_lines: list[str] = []
         self.url: str | None = None
 
-    def start(self, ready_timeout: float = 60.0) -> "ServerProcess":
+    def start(self, ready_timeout: float = 60.0) -> ServerProcess:
         cmd = [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", "0", *self.args]
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -253,7 +269,7 @@ class ThreadedServer:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = ""
 
-    def __enter__(self) -> "ThreadedServer":
+    def __enter__(self) -> ThreadedServer:
         self.thread.start()
         deadline = time.monotonic() + 60
         while not (self.server.started and self.runtime.wait_until_loaded(0.05)):

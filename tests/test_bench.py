@@ -25,7 +25,11 @@ def smoke_report(tmp_path_factory) -> tuple[dict, Path]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--output", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, f"python -m bench --smoke failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return json.loads((out / "bench.json").read_text()), out
@@ -50,8 +54,14 @@ def test_every_scenario_has_positive_throughput_and_no_errors(smoke_report):
 def test_ratios_batching_and_outputs(smoke_report):
     report, out = smoke_report
     run = report["runs"]["float32"]
-    for key in ("service_64x1_vs_ceiling", "service_4x64_vs_ceiling", "service_open_vs_ceiling",
-                "service_64x1_vs_naive", "service_4x64_vs_naive", "naive_4x64_vs_ceiling"):
+    for key in (
+        "service_64x1_vs_ceiling",
+        "service_4x64_vs_ceiling",
+        "service_open_vs_ceiling",
+        "service_64x1_vs_naive",
+        "service_4x64_vs_naive",
+        "naive_4x64_vs_ceiling",
+    ):
         assert run["ratios"][key] > 0, key
     ceiling = run["scenarios"]["ceiling"]
     # The ceiling is timed again after every load scenario; each scenario is compared with the timings around it.
@@ -63,7 +73,8 @@ def test_ratios_batching_and_outputs(smoke_report):
         around = run["scenarios"][name]["ceiling_around"]
         assert (around["before"], around["after"]) == (timings[i], timings[i + 1]), name
         assert run["ratios"][f"{name}_vs_ceiling"] == pytest.approx(
-            run["scenarios"][name]["texts_per_s"] / ((timings[i] + timings[i + 1]) / 2)), name
+            run["scenarios"][name]["texts_per_s"] / ((timings[i] + timings[i + 1]) / 2)
+        ), name
     assert all(v["passes"] >= 1 for v in ceiling["sweep"].values())
     assert {"one_at_a_time", "unsorted_16"} <= set(ceiling["sweep"])
     # The naive server never batches across requests: one-text requests make one-item forwards.

@@ -26,11 +26,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+import tomllib
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -119,7 +120,9 @@ def check_image_layout(df: dh.Dockerfile) -> None:
 
     for config in (serve, train):
         uid = int((config.user or "0").split(":")[0]) if (config.user or "0").split(":")[0].isdigit() else None
-        assert uid not in (None, 0), f"final images run as a numeric non-root USER (runAsNonRoot checks it): {config.user}"
+        assert uid not in (None, 0), (
+            f"final images run as a numeric non-root USER (runAsNonRoot checks it): {config.user}"
+        )
         assert config.env.get("HF_HOME", "").startswith("/tmp/"), "HF caches must go to /tmp (writable emptyDir in k8s)"
 
     assert serve.env.get("REWARD_HOST") == "0.0.0.0", "the container must listen on all interfaces"
@@ -254,7 +257,10 @@ DOCKERFILE_MUTATIONS = {
     "train-extra-in-serve": ('"pydantic-settings==2.16.3" \\', '"pydantic-settings==2.16.3" ".[train]" \\'),
     "compiler": ("RUN groupadd", "RUN apt-get install -y --no-install-recommends gcc=12.2.0-14 && groupadd"),
     "venv-from-train": ("COPY --from=serve-builder /opt/venv", "COPY --from=train-builder /opt/venv"),
-    "source-in-runtime": ("COPY --from=serve-builder /opt/venv /opt/venv\n", "COPY --from=serve-builder /opt/venv /opt/venv\nCOPY service /app/service\n"),
+    "source-in-runtime": (
+        "COPY --from=serve-builder /opt/venv /opt/venv\n",
+        "COPY --from=serve-builder /opt/venv /opt/venv\nCOPY service /app/service\n",
+    ),
 }
 
 
@@ -285,7 +291,9 @@ def test_dockerignore_keeps_the_context_small_but_complete():
                 copied += [t for t in ins.args.split()[:-1] if not t.startswith("--")]
     assert {"pyproject.toml", "README.md", "training", "service"} <= set(copied), copied
     for path in copied:
-        assert path not in patterns and path.rstrip("/") not in patterns, f".dockerignore excludes {path}, a COPY source"
+        assert path not in patterns and path.rstrip("/") not in patterns, (
+            f".dockerignore excludes {path}, a COPY source"
+        )
     assert "checkpoints" not in patterns, "serve-baked copies a checkpoint folder from the context"
 
 
@@ -322,7 +330,9 @@ def image_environment(tmp: Path) -> tuple[list[str], dict[str, str], Callable[[s
 def resolve_or_skip(argv: list[str], env: dict[str, str]) -> list[str]:
     executable = shutil.which(argv[0], path=env["PATH"])
     if executable is None:
-        pytest.skip(f"{argv[0]!r} is not installed in {sys.prefix} yet (console script of pyproject's [project.scripts])")
+        pytest.skip(
+            f"{argv[0]!r} is not installed in {sys.prefix} yet (console script of pyproject's [project.scripts])"
+        )
     if argv[0] == "reward-serve" and importlib.util.find_spec("service.cli") is None:
         pytest.skip("reward-serve's module service.cli does not exist yet")
     return [executable] + argv[1:]
@@ -475,7 +485,9 @@ def test_objects_validate_against_kubernetes_schemas(variant):
                     f"{err.message} at {'/'.join(map(str, err.absolute_path))}"
                 ) from None
     assert set(crds) <= {"ServiceMonitor"}, f"objects without a Kubernetes schema: {crds}"
-    assert ("ServiceMonitor" in crds) == (variant == "monitoring"), "the ServiceMonitor is only in the monitoring overlay"
+    assert ("ServiceMonitor" in crds) == (variant == "monitoring"), (
+        "the ServiceMonitor is only in the monitoring overlay"
+    )
 
 
 # ==============================================================================================================
@@ -501,7 +513,11 @@ def job(objs):
 
 
 def _container(obj: dict, image: str) -> dict:
-    hits = [c for c in obj["spec"]["template"]["spec"]["containers"] if dh.split_image(c["image"])[0].rsplit("/", 1)[-1] == image]
+    hits = [
+        c
+        for c in obj["spec"]["template"]["spec"]["containers"]
+        if dh.split_image(c["image"])[0].rsplit("/", 1)[-1] == image
+    ]
     assert len(hits) == 1, f"{obj['kind']}/{obj['metadata']['name']}: one container of image {image}, found {len(hits)}"
     return hits[0]
 
@@ -516,7 +532,9 @@ def train_container(objs):
 
 def selects(selector: dict, labels: dict) -> bool:
     """Whether a label selector (matchLabels/matchExpressions, or a Service's plain map) selects these labels."""
-    match_labels = selector.get("matchLabels", {}) if ("matchLabels" in selector or "matchExpressions" in selector) else selector
+    match_labels = (
+        selector.get("matchLabels", {}) if ("matchLabels" in selector or "matchExpressions" in selector) else selector
+    )
     for key, value in match_labels.items():
         if labels.get(key) != value:
             return False
@@ -532,7 +550,9 @@ def selects(selector: dict, labels: dict) -> bool:
 
 
 def effective_security(pod: dict, container: dict) -> dict:
-    merged = {k: v for k, v in (pod.get("securityContext") or {}).items() if k in ("runAsNonRoot", "runAsUser", "runAsGroup")}
+    merged = {
+        k: v for k, v in (pod.get("securityContext") or {}).items() if k in ("runAsNonRoot", "runAsUser", "runAsGroup")
+    }
     merged.update(container.get("securityContext") or {})
     return merged
 
@@ -626,8 +646,12 @@ def check_server_probes(objs):
     if "prometheus.io/port" in annotations:
         assert int(annotations["prometheus.io/port"]) == port, "the prometheus.io/port annotation must be the port"
     startup = container["startupProbe"]
-    budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3) + startup.get("initialDelaySeconds", 0)
-    assert budget >= MIN_STARTUP_BUDGET_S, f"the startup probe allows {budget} s for the model load (< {MIN_STARTUP_BUDGET_S})"
+    budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3) + startup.get(
+        "initialDelaySeconds", 0
+    )
+    assert budget >= MIN_STARTUP_BUDGET_S, (
+        f"the startup probe allows {budget} s for the model load (< {MIN_STARTUP_BUDGET_S})"
+    )
     live = container["livenessProbe"]
     assert live.get("periodSeconds", 10) * live.get("failureThreshold", 3) >= 20, "liveness restarts too eagerly"
     assert live.get("timeoutSeconds", 1) >= 3, "liveness timeout: a loaded CPU answers slowly"
@@ -779,7 +803,9 @@ def check_training_job(objs):
     server_env = {**serve_config().env, **config_env(objs, server)}
     server_mount = mount_for(server, server_env["REWARD_MODEL"])
     assert server_mount, f"the servers' REWARD_MODEL {server_env['REWARD_MODEL']} is on no volume"
-    server_claim = volume(deployment(objs)["spec"]["template"]["spec"], server_mount["name"])["persistentVolumeClaim"]["claimName"]
+    server_claim = volume(deployment(objs)["spec"]["template"]["spec"], server_mount["name"])["persistentVolumeClaim"][
+        "claimName"
+    ]
     assert train_claim == server_claim, "the Job must write to the volume the servers read"
     # the same path relative to the volume: what the Job writes is what REWARD_MODEL names
     rel_out = os.path.relpath(output_dir, mount["mountPath"])
@@ -797,7 +823,9 @@ def check_servicemonitor_if_present(objs):
         )
         port_names = {p.get("name") for p in service["spec"]["ports"]}
         for endpoint in monitor["spec"]["endpoints"]:
-            assert endpoint.get("port") in port_names, f"ServiceMonitor port {endpoint.get('port')} is not a Service port"
+            assert endpoint.get("port") in port_names, (
+                f"ServiceMonitor port {endpoint.get('port')} is not a Service port"
+            )
             assert endpoint.get("path", "/metrics") == "/metrics"
 
 
@@ -825,7 +853,15 @@ def test_default_is_the_base_and_has_no_crds():
     assert keys(rendered("default")) == keys(rendered("base"))
     kinds = sorted(o["kind"] for o in rendered("default"))
     assert kinds == sorted(
-        ["ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Job"]
+        [
+            "ConfigMap",
+            "PersistentVolumeClaim",
+            "Deployment",
+            "Service",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+            "Job",
+        ]
     ), kinds
 
 
@@ -936,7 +972,9 @@ MUTATIONS = {
     "hpa-one-replica": _set("HorizontalPodAutoscaler", "spec", "minReplicas", value=1),
     "hpa-no-cpu": _set("HorizontalPodAutoscaler", "spec", "metrics", value=_NO_CPU),
     "replicas-pinned": _set("Deployment", "spec", "replicas", value=2),
-    "pdb-selector": _set("PodDisruptionBudget", "spec", "selector", "matchLabels", "app.kubernetes.io/component", value="train"),
+    "pdb-selector": _set(
+        "PodDisruptionBudget", "spec", "selector", "matchLabels", "app.kubernetes.io/component", value="train"
+    ),
     "short-grace": _set("Deployment", *_POD, "terminationGracePeriodSeconds", value=20),
     "long-drain": _set("ConfigMap", "data", "REWARD_DRAIN_TIMEOUT_S", value="120"),
     "surge-down": _set("Deployment", "spec", "strategy", "rollingUpdate", "maxUnavailable", value=1),

@@ -73,8 +73,12 @@ def test_evaluate_pairs_on_known_outcomes(bert_checkpoint, known_pairs):
     assert result["mean_margin"] == pytest.approx(expected_margin, abs=1e-5)
     assert result["truncated"] == 0
     for row, c, r in zip(rows, result["chosen_scores"], result["rejected_scores"]):
-        assert c == pytest.approx(direct_score(bert_checkpoint, {"prompt": row["prompt"], "response": row["chosen"]}), abs=1e-5)
-        assert r == pytest.approx(direct_score(bert_checkpoint, {"prompt": row["prompt"], "response": row["rejected"]}), abs=1e-5)
+        assert c == pytest.approx(
+            direct_score(bert_checkpoint, {"prompt": row["prompt"], "response": row["chosen"]}), abs=1e-5
+        )
+        assert r == pytest.approx(
+            direct_score(bert_checkpoint, {"prompt": row["prompt"], "response": row["rejected"]}), abs=1e-5
+        )
     both = result["chosen_scores"] + result["rejected_scores"]
     assert result["normalization"]["mean"] == pytest.approx(sum(both) / len(both))
 
@@ -117,8 +121,9 @@ def test_reward_eval_report_and_printed_numbers(tmp_path, tiny_bert_dir, known_p
     rows, expected_margin = known_pairs
     data = write_jsonl(tmp_path / "known.jsonl", rows)
     report_path = tmp_path / "out" / "report.json"
-    code = evaluate.main(["--checkpoint", str(tiny_bert_dir), "--dataset", str(data), "--output", str(report_path),
-                          "--device", "cpu"])
+    code = evaluate.main(
+        ["--checkpoint", str(tiny_bert_dir), "--dataset", str(data), "--output", str(report_path), "--device", "cpu"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "accuracy: 0.750000" in out
@@ -135,8 +140,9 @@ def test_reward_eval_report_and_printed_numbers(tmp_path, tiny_bert_dir, known_p
 
 def test_reward_eval_plot_writes_a_png(tmp_path, tiny_bert_dir, tiny_pairs_file, capsys):
     plot = tmp_path / "rewards.png"
-    code = evaluate.main(["--checkpoint", str(tiny_bert_dir), "--dataset", str(tiny_pairs_file), "--plot", str(plot),
-                          "--device", "cpu"])
+    code = evaluate.main(
+        ["--checkpoint", str(tiny_bert_dir), "--dataset", str(tiny_pairs_file), "--plot", str(plot), "--device", "cpu"]
+    )
     assert code == 0, capsys.readouterr().err
     data = plot.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 2000
@@ -195,8 +201,17 @@ def test_reward_eval_bad_input_exits_2_with_one_line(bad_inputs, case, capsys):
 def test_reward_eval_subprocess_success_and_failure(tmp_path, tiny_bert_dir, tiny_pairs_file):
     """The real entry point: exit 0 with numbers on stdout, exit 2 with no traceback on a bad dataset."""
     report = tmp_path / "r.json"
-    ok = run_module("training.evaluate", "--checkpoint", tiny_bert_dir, "--dataset", tiny_pairs_file,
-                    "--output", report, "--device", "cpu")
+    ok = run_module(
+        "training.evaluate",
+        "--checkpoint",
+        tiny_bert_dir,
+        "--dataset",
+        tiny_pairs_file,
+        "--output",
+        report,
+        "--device",
+        "cpu",
+    )
     assert ok.returncode == 0, ok.stderr
     assert "accuracy:" in ok.stdout and json.loads(report.read_text())["n"] == 24
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"chosen": "a", "rejected": 3}])

@@ -19,7 +19,7 @@ from training.formatting import (
     recipe_for,
 )
 
-WORDS = "one two three four five six seven eight nine ten red green blue cat dog bird tree river city".split()
+WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "red", "green", "blue", "cat", "dog", "bird", "tree", "river", "city"]
 LONG_TEXT = " ".join(WORDS * 2)  # 38 words, each a single word-piece in the tiny BERT vocabulary
 
 
@@ -214,7 +214,10 @@ def test_item_shapes(bert_tok):
         ({"messages": []}, "'messages' must be a non-empty list"),
         ({"messages": ["hello"]}, "messages\\[0\\] must be an object"),
         ({"messages": [{"role": 1, "content": "a"}]}, "messages\\[0\\].role must be a string"),
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "user"}]}, "messages\\[1\\].content must be a string"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "user"}]},
+            "messages\\[1\\].content must be a string",
+        ),
         ({"messages": [{"role": "user", "content": None}]}, "messages\\[0\\].content must be a string"),
     ],
 )
@@ -296,4 +299,4 @@ def test_truncation_properties(bert_tok, llama_tok, words, max_length, side, tok
     kept = enc.input_ids[1:-1]
     whole = full[1:-1]
     if kept:
-        assert whole[-len(kept):] == kept if side == "left" else whole[: len(kept)] == kept
+        assert whole[-len(kept) :] == kept if side == "left" else whole[: len(kept)] == kept

@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
+from service_fixtures import NORMALIZATION, app_client, make_settings, plain_classifier_dir, tiny_reward_checkpoint  # noqa: F401
 
 from service.backend import plan_threads
-from service_fixtures import NORMALIZATION, app_client, make_settings, plain_classifier_dir, tiny_reward_checkpoint  # noqa: F401
 
 PROMPT = "what is two plus two? "
 GOOD = "four, thanks for the question"
@@ -44,11 +44,14 @@ def score(client, items, **extra):
 
 
 def test_score_takes_all_three_shapes(client):
-    body = score(client, [
-        {"text": PROMPT + GOOD},
-        {"prompt": PROMPT, "response": GOOD},
-        {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": GOOD}]},
-    ])
+    body = score(
+        client,
+        [
+            {"text": PROMPT + GOOD},
+            {"prompt": PROMPT, "response": GOOD},
+            {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": GOOD}]},
+        ],
+    )
     assert len(body["scores"]) == 3 and all(isinstance(s, float) for s in body["scores"])
     assert body["truncated"] == [False, False, False]
     assert body["model"] == "tiny-bert-reward" and len(body["model_version"]) == 12
@@ -95,8 +98,10 @@ def test_compare_agrees_with_score(client):
     assert response.status_code == 200, response.text
     body = response.json()
     items = [
-        {"prompt": PROMPT, "response": GOOD}, {"prompt": PROMPT, "response": BAD},
-        {"text": "a helpful answer"}, {"text": "a harmful answer"},
+        {"prompt": PROMPT, "response": GOOD},
+        {"prompt": PROMPT, "response": BAD},
+        {"text": "a helpful answer"},
+        {"text": "a harmful answer"},
         {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": GOOD}]},
         {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": BAD}]},
     ]
@@ -130,13 +135,23 @@ def test_probes_info_metrics_and_docs(client):
     assert info["batching"]["max_batch_tokens"] == 1024 and info["batching"]["max_wait_ms"] == 1  # fp32-on-CPU default
     plan = plan_threads("cpu")
     assert (info["batching"]["inference_workers"], info["batching"]["torch_threads_per_worker"]) == (
-        plan.workers, plan.threads_per_worker)
+        plan.workers,
+        plan.threads_per_worker,
+    )
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
-    for name in ("reward_requests_total", "reward_request_duration_seconds_bucket", "reward_queue_wait_seconds",
-                 "reward_batch_size", "reward_batch_tokens", "reward_batch_real_tokens", "reward_queue_depth",
-                 "reward_scored_items_total", "reward_model_info"):
+    for name in (
+        "reward_requests_total",
+        "reward_request_duration_seconds_bucket",
+        "reward_queue_wait_seconds",
+        "reward_batch_size",
+        "reward_batch_tokens",
+        "reward_batch_real_tokens",
+        "reward_queue_depth",
+        "reward_scored_items_total",
+        "reward_model_info",
+    ):
         assert name in text, name
     assert 'reward_model_info{device="cpu",dtype="float32",model="tiny-bert-reward"' in text
     assert f"reward_inference_workers {plan.workers:.1f}" in text
@@ -156,19 +171,27 @@ BAD_SCORE_BODIES = {
     "unknown field": ({"items": [{"txt": "a"}]}, ["body", "items", 0, "txt"]),
     "text not a string": ({"items": [{"text": 3}]}, ["body", "items", 0, "text"]),
     "text null only": ({"items": [{"text": None}]}, ["body", "items", 0]),
-    "role not a string": ({"items": [{"messages": [{"role": 1, "content": "x"}]}]},
-                          ["body", "items", 0, "messages", 0, "role"]),
-    "content not a string": ({"items": [{"messages": [{"role": "user", "content": ["x"]}]}]},
-                             ["body", "items", 0, "messages", 0, "content"]),
-    "message without role": ({"items": [{"messages": [{"content": "x"}]}]},
-                             ["body", "items", 0, "messages", 0, "role"]),
+    "role not a string": (
+        {"items": [{"messages": [{"role": 1, "content": "x"}]}]},
+        ["body", "items", 0, "messages", 0, "role"],
+    ),
+    "content not a string": (
+        {"items": [{"messages": [{"role": "user", "content": ["x"]}]}]},
+        ["body", "items", 0, "messages", 0, "content"],
+    ),
+    "message without role": (
+        {"items": [{"messages": [{"content": "x"}]}]},
+        ["body", "items", 0, "messages", 0, "role"],
+    ),
     "empty messages": ({"items": [{"messages": []}]}, ["body", "items", 0, "messages"]),
     "messages not a list": ({"items": [{"messages": "hi"}]}, ["body", "items", 0, "messages"]),
     "normalize not a bool": ({"items": [{"text": "a"}], "normalize": "yes"}, ["body", "normalize"]),
     "second item bad": ({"items": [{"text": "a"}, {"text": 1.5}]}, ["body", "items", 1, "text"]),
     "text over the character cap": ({"items": [{"text": "x" * 2001}]}, ["body", "items", 0, "text"]),
-    "message over the character cap": ({"items": [{"messages": [{"role": "u", "content": "x" * 2001}]}]},
-                                       ["body", "items", 0, "messages", 0, "content"]),
+    "message over the character cap": (
+        {"items": [{"messages": [{"role": "u", "content": "x" * 2001}]}]},
+        ["body", "items", 0, "messages", 0, "content"],
+    ),
 }
 
 
@@ -185,11 +208,18 @@ def test_bad_score_requests_get_422_naming_the_field(client, body, loc):
 BAD_OTHER_BODIES = {
     "compare: empty pairs": ("/compare", {"pairs": []}, ["body", "pairs"]),
     "compare: missing rejected": ("/compare", {"pairs": [{"chosen": "a"}]}, ["body", "pairs", 0, "rejected"]),
-    "compare: chosen not text or messages": ("/compare", {"pairs": [{"chosen": 1, "rejected": "b"}]},
-                                             ["body", "pairs", 0, "chosen"]),
+    "compare: chosen not text or messages": (
+        "/compare",
+        {"pairs": [{"chosen": 1, "rejected": "b"}]},
+        ["body", "pairs", 0, "chosen"],
+    ),
     "compare: text prompt with message answers": (
         "/compare",
-        {"pairs": [{"prompt": "p", "chosen": [{"role": "a", "content": "x"}], "rejected": [{"role": "a", "content": "y"}]}]},
+        {
+            "pairs": [
+                {"prompt": "p", "chosen": [{"role": "a", "content": "x"}], "rejected": [{"role": "a", "content": "y"}]}
+            ]
+        },
         ["body", "pairs", 0],
     ),
     "get_reward: missing query": ("/get_reward", {"prompts": ["a"]}, ["body", "query"]),
@@ -248,10 +278,26 @@ def test_every_setting_is_a_flag_and_an_environment_variable(monkeypatch):
 
     monkeypatch.setenv("REWARD_MAX_BATCH_SIZE", "7")
     monkeypatch.setenv("REWARD_API_KEY", "secret")
-    settings = parse_settings([
-        "--model", "ckpt", "--dtype", "bfloat16", "--device", "cpu", "--max-batch-tokens", "1024",
-        "--max-wait-ms", "2.5", "--reward-label", "nothate", "--port", "9000", "--max-queue-tokens", "4096",
-    ])
+    settings = parse_settings(
+        [
+            "--model",
+            "ckpt",
+            "--dtype",
+            "bfloat16",
+            "--device",
+            "cpu",
+            "--max-batch-tokens",
+            "1024",
+            "--max-wait-ms",
+            "2.5",
+            "--reward-label",
+            "nothate",
+            "--port",
+            "9000",
+            "--max-queue-tokens",
+            "4096",
+        ]
+    )
     assert (settings.model, settings.dtype, settings.device, settings.port) == ("ckpt", "bfloat16", "cpu", 9000)
     assert (settings.max_batch_tokens, settings.max_wait_ms, settings.max_batch_size) == (1024, 2.5, 7)
     assert settings.reward_label == "nothate" and settings.host == "127.0.0.1"
@@ -315,7 +361,9 @@ def test_the_thread_plan_reads_torch_before_any_worker_changed_it():
 def test_batch_settings_reach_the_batcher_limits():
     from service.app import ServiceRuntime
 
-    settings = make_settings("ckpt", max_batch_tokens=1024, max_batch_size=7, max_wait_ms=2.5, batch_overhead_tokens=128)
+    settings = make_settings(
+        "ckpt", max_batch_tokens=1024, max_batch_size=7, max_wait_ms=2.5, batch_overhead_tokens=128
+    )
     limits = ServiceRuntime(settings, None).limits
     assert (limits.max_batch_tokens, limits.max_batch_size, limits.overhead_tokens) == (1024, 7, 128)
     assert limits.max_wait_s == pytest.approx(0.0025)

@@ -9,11 +9,11 @@ import threading
 import pytest
 
 from service.batching import (
+    Batcher,
+    BatcherClosed,
     BatchLimits,
     BatchReport,
-    Batcher,
     BatchTooLarge,
-    BatcherClosed,
     ForwardFailed,
     QueueFull,
     RequestTooLarge,
@@ -277,7 +277,9 @@ def test_two_workers_compute_two_batches_at_once_and_answer_each_request():
         return [expected(ids) for ids in batch]
 
     batcher = Batcher(
-        forward, BatchLimits(max_batch_size=2, max_wait_s=0.0), workers=2,
+        forward,
+        BatchLimits(max_batch_size=2, max_wait_s=0.0),
+        workers=2,
         on_worker_start=lambda: started_on.append(threading.current_thread().name),
     ).start()
 

@@ -27,10 +27,15 @@ FAST = RetryPolicy(max_retries=3, backoff_s=0.001, max_backoff_s=0.002)
 
 def ok_scores(request: httpx.Request) -> httpx.Response:
     items = json.loads(request.content)["items"]
-    return httpx.Response(200, json={
-        "scores": [float(len(i.get("text", i.get("response", "")))) for i in items],
-        "truncated": [False] * len(items), "model": "m", "model_version": "v",
-    })
+    return httpx.Response(
+        200,
+        json={
+            "scores": [float(len(i.get("text", i.get("response", "")))) for i in items],
+            "truncated": [False] * len(items),
+            "model": "m",
+            "model_version": "v",
+        },
+    )
 
 
 class Recorder:
@@ -114,8 +119,9 @@ def test_async_client_retries_and_shards():
     recorder = Recorder(httpx.Response(502), ok_scores)
 
     async def main():
-        async with AsyncRewardClient(["http://a", "http://b"], transport=httpx.MockTransport(recorder), retry=FAST,
-                                     max_items_per_request=1) as client:
+        async with AsyncRewardClient(
+            ["http://a", "http://b"], transport=httpx.MockTransport(recorder), retry=FAST, max_items_per_request=1
+        ) as client:
             return await client.score(["x", "yy", "zzz"])
 
     assert asyncio.run(main()).scores == [1.0, 2.0, 3.0]
@@ -134,15 +140,27 @@ def test_reward_function_sends_trl_shapes_and_ignores_extra_columns(monkeypatch)
     reward = RewardFunction("http://rm", name="my_rm", transport=httpx.MockTransport(handler))
     assert is_async_callable(reward) and get_callable_name(reward) == "my_rm"
 
-    plain = asyncio.run(reward(prompts=["p1", "p2"], completions=["c", "cc"], completion_ids=[[1], [2]],
-                               topic=["a", "b"], trainer_state=object(), log_extra=print))
+    plain = asyncio.run(
+        reward(
+            prompts=["p1", "p2"],
+            completions=["c", "cc"],
+            completion_ids=[[1], [2]],
+            topic=["a", "b"],
+            trainer_state=object(),
+            log_extra=print,
+        )
+    )
     assert plain == [1.0, 2.0]
-    assert sent[-1] == {"items": [{"prompt": "p1", "response": "c"}, {"prompt": "p2", "response": "cc"}],
-                        "normalize": False}
+    assert sent[-1] == {
+        "items": [{"prompt": "p1", "response": "c"}, {"prompt": "p2", "response": "cc"}],
+        "normalize": False,
+    }
 
     prompt = [{"role": "user", "content": "hi"}]
     asyncio.run(reward(prompts=[prompt], completions=[[{"role": "assistant", "content": "yo"}]], ground_truth=["x"]))
-    assert sent[-1]["items"] == [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    assert sent[-1]["items"] == [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    ]
 
     copy = pickle.loads(pickle.dumps(RewardFunction("http://rm", normalize=True)))
     assert copy.normalize is True and copy.__name__ == "reward_service"

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
 from service_fixtures import (  # noqa: F401  (fixtures)
     app_client,
     build_tiny_bert,
@@ -40,8 +40,11 @@ FUZZ = settings(
 @pytest.fixture(scope="module")
 def client(tiny_reward_checkpoint: Path) -> Iterator[Any]:
     settings_ = make_settings(
-        tiny_reward_checkpoint, max_body_bytes=MAX_BODY_BYTES, max_text_chars=MAX_TEXT_CHARS,
-        max_items_per_request=MAX_ITEMS, max_wait_ms=0,
+        tiny_reward_checkpoint,
+        max_body_bytes=MAX_BODY_BYTES,
+        max_text_chars=MAX_TEXT_CHARS,
+        max_items_per_request=MAX_ITEMS,
+        max_wait_ms=0,
     )
     with app_client(settings_) as c:
         yield c
@@ -73,8 +76,11 @@ json_values = json_values_of(texts)
 
 
 def messages(text=texts):
-    return st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]) | text,
-                                           "content": text}), min_size=1, max_size=3)
+    return st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]) | text, "content": text}),
+        min_size=1,
+        max_size=3,
+    )
 
 
 def score_bodies(text=texts):
@@ -83,8 +89,9 @@ def score_bodies(text=texts):
         st.fixed_dictionaries({"prompt": text, "response": text}),
         st.fixed_dictionaries({"messages": messages(text)}),
     )
-    return st.fixed_dictionaries({"items": st.lists(item, min_size=1, max_size=MAX_ITEMS)},
-                                 optional={"normalize": st.booleans()})
+    return st.fixed_dictionaries(
+        {"items": st.lists(item, min_size=1, max_size=MAX_ITEMS)}, optional={"normalize": st.booleans()}
+    )
 
 
 def compare_bodies(text=texts):
@@ -93,8 +100,9 @@ def compare_bodies(text=texts):
     any_side = text | messages(text)
     mixed = st.fixed_dictionaries({"chosen": any_side, "rejected": any_side}, optional={"prompt": any_side})
     as_texts = st.fixed_dictionaries({"chosen": text, "rejected": text}, optional={"prompt": text})
-    as_messages = st.fixed_dictionaries({"chosen": messages(text), "rejected": messages(text)},
-                                        optional={"prompt": messages(text)})
+    as_messages = st.fixed_dictionaries(
+        {"chosen": messages(text), "rejected": messages(text)}, optional={"prompt": messages(text)}
+    )
     pair = st.one_of(as_texts, as_messages) if text is clean_texts else st.one_of(mixed, as_texts, as_messages)
     return st.fixed_dictionaries({"pairs": st.lists(pair, min_size=1, max_size=4)})
 
@@ -102,8 +110,11 @@ def compare_bodies(text=texts):
 def get_reward_bodies(text=texts):
     return st.fixed_dictionaries(
         {"query": st.lists(text, min_size=1, max_size=MAX_ITEMS)},
-        optional={"prompts": st.lists(json_values_of(text), max_size=3),
-                  "labels": st.lists(json_values_of(text), max_size=3), "extra": json_values_of(text)},
+        optional={
+            "prompts": st.lists(json_values_of(text), max_size=3),
+            "labels": st.lists(json_values_of(text), max_size=3),
+            "extra": json_values_of(text),
+        },
     )
 
 
@@ -171,10 +182,22 @@ def encode(value: Any, ascii_only: bool) -> bytes:
 
 
 CONTENT_TYPES = [
-    None, "application/json", "application/json; charset=utf-8", "application/json; charset=latin-1",
-    "application/merge-patch+json", "text/plain", "text/json", "application/x-www-form-urlencoded",
-    "multipart/form-data; boundary=xyz", "application/octet-stream", "application/xml", "*/*", "application",
-    "garbage;;;==", "application/json; boundary", "",
+    None,
+    "application/json",
+    "application/json; charset=utf-8",
+    "application/json; charset=latin-1",
+    "application/merge-patch+json",
+    "text/plain",
+    "text/json",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=xyz",
+    "application/octet-stream",
+    "application/xml",
+    "*/*",
+    "application",
+    "garbage;;;==",
+    "application/json; boundary",
+    "",
 ]
 content_types = st.one_of(
     st.sampled_from(CONTENT_TYPES),
@@ -207,8 +230,11 @@ def check(response, route: str, content: bytes) -> None:
     assert response.status_code == 200, response.text[:500]
     body = json.loads(content)
     assert isinstance(body, dict), "a 200 for a body that is not even an object"
-    count = {"/score": lambda b: len(b["items"]), "/compare": lambda b: len(b["pairs"]),
-             "/get_reward": lambda b: len(b["query"])}[route](body)
+    count = {
+        "/score": lambda b: len(b["items"]),
+        "/compare": lambda b: len(b["pairs"]),
+        "/get_reward": lambda b: len(b["query"]),
+    }[route](body)
     key = {"/score": "scores", "/compare": "margins", "/get_reward": "rewards"}[route]
     assert len(data[key]) == count and all(math.isfinite(x) for x in data[key]), data
 
@@ -227,8 +253,11 @@ def post(client, route: str, content: bytes, content_type: str | None = "applica
 @example(route="/score", body={"items": [{"text": "a"}], "normalize": math.inf}, ascii_only=True)
 @example(route="/score", body={"items": [{"text": "\ud800"}]}, ascii_only=True)
 @example(route="/score", body={"items": [{"\udfff": 1}]}, ascii_only=False)
-@example(route="/compare", body={"pairs": [{"chosen": [{"role": "\ud800", "content": "a"}], "rejected": "b"}]},
-         ascii_only=True)
+@example(
+    route="/compare",
+    body={"pairs": [{"chosen": [{"role": "\ud800", "content": "a"}], "rejected": "b"}]},
+    ascii_only=True,
+)
 @example(route="/get_reward", body={"query": ["x\udc80y"]}, ascii_only=True)
 @example(route="/get_reward", body={"query": ["a"], "prompts": [math.nan, "\ud800"]}, ascii_only=True)
 def test_arbitrary_json_values_never_get_a_5xx(client, route, body, ascii_only):
@@ -286,8 +315,11 @@ def malformed_json(draw) -> bytes:
         return raw[:i] + junk + raw[i:]
     if kind == "huge number":
         digits = draw(st.sampled_from([20, 400, 4300, 4301, 8000]))
-        number = draw(st.sampled_from([b"9" * digits, b"-" + b"9" * digits, b"1e" + b"9" * min(digits, 50),
-                                       b"0." + b"0" * digits + b"1"]))
+        number = draw(
+            st.sampled_from(
+                [b"9" * digits, b"-" + b"9" * digits, b"1e" + b"9" * min(digits, 50), b"0." + b"0" * digits + b"1"]
+            )
+        )
         return raw.replace(b"[", b"[" + number + b", ", 1)
     if kind == "deep":
         depth = draw(st.sampled_from([100, 1000, 3000, 7000]))
@@ -303,14 +335,19 @@ def test_malformed_json_never_gets_a_5xx(client, route, content, content_type):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(route=st.sampled_from(ROUTES), n_items=st.integers(MAX_ITEMS + 1, 4 * MAX_ITEMS),
-       chars=st.integers(MAX_TEXT_CHARS + 1, 4 * MAX_TEXT_CHARS))
+@given(
+    route=st.sampled_from(ROUTES),
+    n_items=st.integers(MAX_ITEMS + 1, 4 * MAX_ITEMS),
+    chars=st.integers(MAX_TEXT_CHARS + 1, 4 * MAX_TEXT_CHARS),
+)
 def test_limits_answer_4xx_never_5xx(client, route, n_items, chars):
     """Over the item count, the character cap or the body size: 413 or 422, whichever the request hits first."""
     bodies = {
         "/score": ({"items": [{"text": "a"}] * n_items}, {"items": [{"prompt": "p", "response": "x" * chars}]}),
-        "/compare": ({"pairs": [{"chosen": "a", "rejected": "b"}] * n_items},
-                     {"pairs": [{"prompt": [{"role": "user", "content": "x" * chars}], "chosen": [], "rejected": []}]}),
+        "/compare": (
+            {"pairs": [{"chosen": "a", "rejected": "b"}] * n_items},
+            {"pairs": [{"prompt": [{"role": "user", "content": "x" * chars}], "chosen": [], "rejected": []}]},
+        ),
         "/get_reward": ({"query": ["a"] * n_items}, {"query": ["x" * chars]}),
     }[route]
     for body in bodies:
@@ -334,17 +371,36 @@ header_values = st.binary(max_size=40).map(lambda b: bytes(c for c in b if c not
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(route=st.sampled_from(ROUTES), value=st.one_of(
-    header_values,
-    header_values.map(lambda b: b"Bearer " + b),
-    st.sampled_from([b"Bearer", b"Bearer ", b"bearer " + KEY.encode(), b"Bearer " + KEY.encode() + b"x",
-                     b"Bearer " + KEY[:-1].encode(), b"Basic " + KEY.encode(), KEY.encode(), b"Bearer \xe9\xff"]),
-))
+@given(
+    route=st.sampled_from(ROUTES),
+    value=st.one_of(
+        header_values,
+        header_values.map(lambda b: b"Bearer " + b),
+        st.sampled_from(
+            [
+                b"Bearer",
+                b"Bearer ",
+                b"bearer " + KEY.encode(),
+                b"Bearer " + KEY.encode() + b"x",
+                b"Bearer " + KEY[:-1].encode(),
+                b"Basic " + KEY.encode(),
+                KEY.encode(),
+                b"Bearer \xe9\xff",
+            ]
+        ),
+    ),
+)
 def test_wrong_credentials_get_401_never_5xx(keyed_client, route, value):
-    body = {"/score": {"items": [{"text": "a"}]}, "/compare": {"pairs": [{"chosen": "a", "rejected": "b"}]},
-            "/get_reward": {"query": ["a"]}}[route]
-    response = keyed_client.post(route, content=json.dumps(body).encode(),
-                                 headers=[(b"content-type", b"application/json"), (b"authorization", value)])
+    body = {
+        "/score": {"items": [{"text": "a"}]},
+        "/compare": {"pairs": [{"chosen": "a", "rejected": "b"}]},
+        "/get_reward": {"query": ["a"]},
+    }[route]
+    response = keyed_client.post(
+        route,
+        content=json.dumps(body).encode(),
+        headers=[(b"content-type", b"application/json"), (b"authorization", value)],
+    )
     expected = 200 if value in (b"Bearer " + KEY.encode(), b"bearer " + KEY.encode()) else 401
     assert response.status_code == expected, (value, response.status_code, response.text)
     if expected == 401:
@@ -375,13 +431,19 @@ def test_messages_the_chat_template_refuses_get_422(strict_template_client):
     assert refused.status_code == 422, refused.text
     error = refused.json()["detail"][0]
     assert error["loc"] == ["body", "items", 1] and "unknown role: robot" in error["msg"]
-    pair = c.post("/compare", json={"pairs": [{"chosen": [{"role": "user", "content": "a"}],
-                                               "rejected": [{"role": "robot", "content": "b"}]}]})
+    pair = c.post(
+        "/compare",
+        json={
+            "pairs": [{"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "robot", "content": "b"}]}]
+        },
+    )
     assert pair.status_code == 422 and pair.json()["detail"][0]["loc"] == ["body", "pairs", 0, "rejected"]
 
 
 def test_an_item_that_formats_to_no_tokens_gets_422(strict_template_client):
-    empty = strict_template_client.post("/score", json={"items": [{"messages": [{"role": "assistant", "content": "hi"}]}]})
+    empty = strict_template_client.post(
+        "/score", json={"items": [{"messages": [{"role": "assistant", "content": "hi"}]}]}
+    )
     assert empty.status_code == 422, empty.text
     error = empty.json()["detail"][0]
     assert error["loc"] == ["body", "items", 0] and "no tokens" in error["msg"]

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-
 from service_fixtures import (  # noqa: F401  (fixtures)
     ControlledBackend,
     ThreadedServer,
@@ -32,7 +30,9 @@ def wait_until(condition, timeout: float = 10.0, what: str = "condition") -> Non
 
 
 def test_overload_gets_429_with_retry_after_then_serves_normally(controlled: ControlledBackend, tiny_reward_checkpoint):
-    settings = make_settings(tiny_reward_checkpoint, inference_workers=1, max_batch_tokens=64, max_queue_tokens=64, max_wait_ms=0)
+    settings = make_settings(
+        tiny_reward_checkpoint, inference_workers=1, max_batch_tokens=64, max_queue_tokens=64, max_wait_ms=0
+    )
     with ThreadedServer(settings, controlled) as server:
         controlled.gate.clear()
 
@@ -170,8 +170,11 @@ def test_probes_answer_while_loading_and_scoring_waits(controlled, tiny_reward_c
 
 def test_scoring_routes_require_the_api_key_probes_stay_open(tiny_reward_checkpoint):
     with app_client(make_settings(tiny_reward_checkpoint, api_key="s3cret")) as client:
-        for route, body in (("/score", {"items": [ITEM]}), ("/compare", {"pairs": [{"chosen": "a", "rejected": "b"}]}),
-                            ("/get_reward", {"query": ["a"]})):
+        for route, body in (
+            ("/score", {"items": [ITEM]}),
+            ("/compare", {"pairs": [{"chosen": "a", "rejected": "b"}]}),
+            ("/get_reward", {"query": ["a"]}),
+        ):
             missing = client.post(route, json=body)
             assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
             assert client.post(route, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401

@@ -10,16 +10,16 @@ character cap, a text prompt cannot meet message-list answers), so some schema-v
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
-from schemathesis.specs.openapi.checks import positive_data_acceptance
 from schemathesis.python import asgi
-
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 from service_fixtures import make_settings, tiny_reward_checkpoint  # noqa: F401  (fixture)
 
 KEY = "openapi-k3y"

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from service_fixtures import (  # noqa: F401  (fixtures)
     REPO,
     ControlledBackend,
@@ -38,13 +37,22 @@ def test_compare_limits_name_the_pair_and_field(tiny_reward_checkpoint):
         too_many = client.post("/compare", json={"pairs": [pair] * 3})
         assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"] == ["body", "pairs"]
         assert "at most 2 pairs" in too_many.json()["detail"][0]["msg"]
-        long_text = client.post("/compare", json={"pairs": [pair, {"prompt": "p", "chosen": "a", "rejected": "x" * 11}]})
+        long_text = client.post(
+            "/compare", json={"pairs": [pair, {"prompt": "p", "chosen": "a", "rejected": "x" * 11}]}
+        )
         assert long_text.status_code == 422
         assert long_text.json()["detail"][0]["loc"] == ["body", "pairs", 1, "rejected"]
-        long_message = client.post("/compare", json={"pairs": [{
-            "chosen": [{"role": "user", "content": "a"}],
-            "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y" * 11}],
-        }]})
+        long_message = client.post(
+            "/compare",
+            json={
+                "pairs": [
+                    {
+                        "chosen": [{"role": "user", "content": "a"}],
+                        "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y" * 11}],
+                    }
+                ]
+            },
+        )
         assert long_message.status_code == 422
         assert long_message.json()["detail"][0]["loc"] == ["body", "pairs", 0, "rejected", 1, "content"]
         assert client.post("/compare", json={"pairs": [pair] * 2}).status_code == 200
@@ -55,7 +63,9 @@ def test_the_client_waits_as_retry_after_says_and_nothing_is_lost(controlled, ti
     from service import client as client_module
     from service.client import RetryPolicy, RewardClient
 
-    settings = make_settings(tiny_reward_checkpoint, inference_workers=1, max_batch_tokens=64, max_queue_tokens=64, max_wait_ms=0)
+    settings = make_settings(
+        tiny_reward_checkpoint, inference_workers=1, max_batch_tokens=64, max_queue_tokens=64, max_wait_ms=0
+    )
     with ThreadedServer(settings, controlled) as server:
         batcher = server.runtime.batcher
         controlled.gate.clear()
@@ -103,9 +113,15 @@ def test_the_api_key_is_compared_in_constant_time(tiny_reward_checkpoint, monkey
 
     monkeypatch.setattr(service.app.hmac, "compare_digest", spy)
     with app_client(make_settings(tiny_reward_checkpoint, api_key="k3y-value")) as client:
-        assert client.post("/score", json={"items": [ITEM]}, headers={"Authorization": "Bearer k3y-valuX"}).status_code == 401
+        assert (
+            client.post("/score", json={"items": [ITEM]}, headers={"Authorization": "Bearer k3y-valuX"}).status_code
+            == 401
+        )
         assert client.post("/score", json={"items": [ITEM]}).status_code == 401
-        assert client.post("/score", json={"items": [ITEM]}, headers={"Authorization": "Bearer k3y-value"}).status_code == 200
+        assert (
+            client.post("/score", json={"items": [ITEM]}, headers={"Authorization": "Bearer k3y-value"}).status_code
+            == 200
+        )
         assert client.get("/metrics").status_code == 200 and client.get("/openapi.json").status_code == 200
     assert calls == [(b"k3y-valuX", b"k3y-value"), (b"", b"k3y-value"), (b"k3y-value", b"k3y-value")]
 
@@ -145,12 +161,17 @@ def test_remote_code_in_a_checkpoint_is_never_run(tiny_reward_checkpoint, tmp_pa
     shutil.copytree(tiny_reward_checkpoint, folder)
     marker = tmp_path / "remote-code-ran"
     code = f"open({str(marker)!r}, 'w').write('ran')\n"
-    (folder / "evil_model.py").write_text(code + "from transformers import BertConfig as EvilConfig, "
-                                          "BertForSequenceClassification as EvilModel\n")
-    (folder / "evil_tokenizer.py").write_text(code + "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    (folder / "evil_model.py").write_text(
+        code + "from transformers import BertConfig as EvilConfig, BertForSequenceClassification as EvilModel\n"
+    )
+    (folder / "evil_tokenizer.py").write_text(
+        code + "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+    )
     config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "evil_model.EvilConfig",
-                          "AutoModelForSequenceClassification": "evil_model.EvilModel"}
+    config["auto_map"] = {
+        "AutoConfig": "evil_model.EvilConfig",
+        "AutoModelForSequenceClassification": "evil_model.EvilModel",
+    }
     (folder / "config.json").write_text(json.dumps(config))
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "evil_tokenizer.EvilTokenizer"]}
@@ -180,26 +201,35 @@ def test_no_code_path_enables_remote_code():
 def test_request_bodies_are_not_logged_even_when_they_fail(controlled, tiny_reward_checkpoint, caplog):
     """Every kind of answer, with the root logger at DEBUG: scored, invalid, too large, failed forward, timed out."""
     caplog.set_level(logging.DEBUG)
-    settings = make_settings(tiny_reward_checkpoint, inference_workers=1, max_body_bytes=4096, request_timeout_s=0.5,
-                             max_wait_ms=0, api_key="k")
+    settings = make_settings(
+        tiny_reward_checkpoint,
+        inference_workers=1,
+        max_body_bytes=4096,
+        request_timeout_s=0.5,
+        max_wait_ms=0,
+        api_key="k",
+    )
     auth = {"Authorization": "Bearer k"}
-    with ThreadedServer(settings, controlled) as server:
-        with httpx.Client(base_url=server.url, timeout=30) as http:
-            statuses = [
-                http.post("/score", json={"items": [{"text": f"hello {SECRET}"}]}, headers=auth).status_code,
-                http.post("/score", json={"items": [{"text": SECRET, "prompt": SECRET}]}, headers=auth).status_code,
-                http.post("/compare", content=f'{{"pairs": [{{"chosen": "{SECRET}"'.encode(), headers=auth).status_code,
-                http.post("/get_reward", json={"query": [SECRET * 400]}, headers=auth).status_code,
-                http.post("/score", json={"items": [{"text": f"terrible {SECRET}"}]}, headers=auth).status_code,
-                http.post("/score", json={"items": [{"text": SECRET}]},
-                          headers={"Authorization": f"Bearer {SECRET}"}).status_code,
-            ]
-            controlled.gate.clear()
-            worker = threading.Thread(target=lambda: statuses.append(
-                http.post("/score", json={"items": [{"text": SECRET}]}, headers=auth).status_code))
-            worker.start()
-            worker.join(20)
-            controlled.gate.set()
+    with ThreadedServer(settings, controlled) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        statuses = [
+            http.post("/score", json={"items": [{"text": f"hello {SECRET}"}]}, headers=auth).status_code,
+            http.post("/score", json={"items": [{"text": SECRET, "prompt": SECRET}]}, headers=auth).status_code,
+            http.post("/compare", content=f'{{"pairs": [{{"chosen": "{SECRET}"'.encode(), headers=auth).status_code,
+            http.post("/get_reward", json={"query": [SECRET * 400]}, headers=auth).status_code,
+            http.post("/score", json={"items": [{"text": f"terrible {SECRET}"}]}, headers=auth).status_code,
+            http.post(
+                "/score", json={"items": [{"text": SECRET}]}, headers={"Authorization": f"Bearer {SECRET}"}
+            ).status_code,
+        ]
+        controlled.gate.clear()
+        worker = threading.Thread(
+            target=lambda: statuses.append(
+                http.post("/score", json={"items": [{"text": SECRET}]}, headers=auth).status_code
+            )
+        )
+        worker.start()
+        worker.join(20)
+        controlled.gate.set()
     assert statuses == [200, 422, 422, 413, 500, 401, 504]
     assert any(r.name.startswith("reward.") for r in caplog.records)  # the service's own logs were captured
     assert SECRET not in caplog.text

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from service_fixtures import ServerProcess, build_tiny_bert, metric_value
 
 REQUESTS = 48
@@ -38,9 +37,11 @@ def test_sigterm_under_load_answers_every_accepted_request(slow_checkpoint: Path
         async def main():
             async with httpx.AsyncClient(base_url=url, timeout=60) as load, httpx.AsyncClient(base_url=url) as probe:
                 tasks = [
-                    asyncio.create_task(load.post("/score", json={
-                        "items": [{"text": long_text(i, j)} for j in range(ITEMS_PER_REQUEST)]
-                    }))
+                    asyncio.create_task(
+                        load.post(
+                            "/score", json={"items": [{"text": long_text(i, j)} for j in range(ITEMS_PER_REQUEST)]}
+                        )
+                    )
                     for i in range(REQUESTS)
                 ]
                 deadline = time.monotonic() + 30
@@ -73,8 +74,10 @@ def test_sigterm_under_load_answers_every_accepted_request(slow_checkpoint: Path
 
     latencies.sort()
     p99 = latencies[98]
-    print(f"\n/healthz under saturation ({busy:.0f} items queued): p50 {latencies[49] * 1000:.1f} ms, "
-          f"p99 {p99 * 1000:.1f} ms; drained {REQUESTS} requests in {drained_after:.2f} s after SIGTERM")
+    print(
+        f"\n/healthz under saturation ({busy:.0f} items queued): p50 {latencies[49] * 1000:.1f} ms, "
+        f"p99 {p99 * 1000:.1f} ms; drained {REQUESTS} requests in {drained_after:.2f} s after SIGTERM"
+    )
     assert busy > 0, "the model was not saturated while /healthz was measured"
     assert p99 < 0.1
     assert ready.status_code == 503 and ready.json()["phase"] == "draining"

@@ -12,8 +12,22 @@ from service_fixtures import ControlledBackend, ThreadedServer, make_settings, t
 def test_a_short_soak_reports_windows_memory_and_no_errors(tiny_reward_checkpoint: Path, tmp_path: Path):
     out = tmp_path / "soak.json"
     result = run_module(
-        "bench.soak", "--model", tiny_reward_checkpoint, "--duration-s", "10", "--window-s", "2", "--rate", "20",
-        "--clients", "4", "--rss-every-s", "1", "--json-out", out, timeout=180,
+        "bench.soak",
+        "--model",
+        tiny_reward_checkpoint,
+        "--duration-s",
+        "10",
+        "--window-s",
+        "2",
+        "--rate",
+        "20",
+        "--clients",
+        "4",
+        "--rss-every-s",
+        "1",
+        "--json-out",
+        out,
+        timeout=180,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -39,8 +53,20 @@ class AlwaysFailing(ControlledBackend):
 def test_a_soak_against_a_failing_server_exits_non_zero(tiny_reward_checkpoint: Path, tmp_path: Path):
     out = tmp_path / "soak.json"
     with ThreadedServer(make_settings(tiny_reward_checkpoint), AlwaysFailing(tiny_reward_checkpoint)) as server:
-        result = run_module("bench.soak", "--url", server.url, "--duration-s", "2", "--window-s", "1",
-                            "--rate", "10", "--json-out", out, timeout=120)
+        result = run_module(
+            "bench.soak",
+            "--url",
+            server.url,
+            "--duration-s",
+            "2",
+            "--window-s",
+            "1",
+            "--rate",
+            "10",
+            "--json-out",
+            out,
+            timeout=120,
+        )
     assert result.returncode == 1, result.stdout[-3000:]
     report = json.loads(out.read_text())
     assert not report["ok"] and report["totals"]["server_errors"] == report["totals"]["requests"] > 0

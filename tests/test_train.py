@@ -33,11 +33,13 @@ def mixed_length_rows() -> list[dict]:
     """20 pairs, some with a side longer than MAX_LENGTH tokens and most without."""
     rows = []
     for i, topic in enumerate(demo_data.TOPICS[:20]):
-        rows.append({
-            "prompt": topic["questions"][0] + "\n",
-            "chosen": " ".join(topic["good"]) if i % 3 == 0 else topic["good"][0],
-            "rejected": " ".join(topic["wrong"]) if i % 4 == 1 else topic["wrong"][0],
-        })
+        rows.append(
+            {
+                "prompt": topic["questions"][0] + "\n",
+                "chosen": " ".join(topic["good"]) if i % 3 == 0 else topic["good"][0],
+                "rejected": " ".join(topic["wrong"]) if i % 4 == 1 else topic["wrong"][0],
+            }
+        )
     return rows
 
 
@@ -53,8 +55,9 @@ def trainer_rewards(trainer, n):
     batch = trainer.data_collator(features)
     model = trainer.model.eval()
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"].to(model.device),
-                       attention_mask=batch["attention_mask"].to(model.device)).logits.squeeze(-1)
+        logits = model(
+            input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device)
+        ).logits.squeeze(-1)
     chosen, rejected = logits[:n].tolist(), logits[n:].tolist()
     return chosen, rejected, features
 
@@ -83,7 +86,14 @@ def llama_run(tmp_path_factory, tiny_llama_dir):
 # -- the checkpoint -------------------------------------------------------------------------------------------------
 def test_checkpoint_files_and_config(bert_run, tiny_bert_dir):
     out = bert_run.output_dir
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", MANIFEST_NAME, "README.md"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        MANIFEST_NAME,
+        "README.md",
+    ):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     assert len(config["id2label"]) == 1  # num_labels == 1: one reward output

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from training.formatting import Formatter, FormattingRecipe, recipe_for
 
@@ -47,7 +48,14 @@ def write_manifest(path: str | Path, manifest: dict[str, Any]) -> Path:
 
 # Any one of these marks a folder that really holds a tokenizer. Without them, transformers 5 still "loads" one for
 # some architectures (BERT: a 5-token vocabulary of special tokens) and every word silently becomes [UNK].
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+)
 
 
 def load_tokenizer(path: str | Path):

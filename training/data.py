@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 DEMO = "demo"
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -40,7 +41,9 @@ def load_preference_rows(name: str, *, split: str = "train", config: str | None 
         raise DataError(f"{source}: the data set is empty")
     missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
     if missing:
-        raise DataError(f"{source}: missing column {missing[0]!r} (found {sorted(rows[0])}); each row needs 'chosen' and 'rejected'")
+        raise DataError(
+            f"{source}: missing column {missing[0]!r} (found {sorted(rows[0])}); each row needs 'chosen' and 'rejected'"
+        )
     for i, row in enumerate(rows):
         for column in REQUIRED_COLUMNS:
             if row.get(column) is None:

@@ -26,8 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 BAD_KINDS = ("wrong", "rude", "refusal", "off_topic", "vague", "lazy")
 
@@ -50,7 +51,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "cooking rice",
-        "questions": ["How do I cook rice on the stove?", "How can I make fluffy rice?", "What is the ratio of water to rice?"],
+        "questions": [
+            "How do I cook rice on the stove?",
+            "How can I make fluffy rice?",
+            "What is the ratio of water to rice?",
+        ],
         "good": [
             "Rinse the rice until the water runs mostly clear.",
             "Use about two cups of water for every cup of white rice.",
@@ -65,7 +70,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "baking bread",
-        "questions": ["How do I bake simple bread at home?", "Why did my bread not rise?", "Any tips for baking my first loaf?"],
+        "questions": [
+            "How do I bake simple bread at home?",
+            "Why did my bread not rise?",
+            "Any tips for baking my first loaf?",
+        ],
         "good": [
             "Make sure the yeast is fresh and the water is warm, not hot.",
             "Knead the dough until it feels smooth and stretchy.",
@@ -80,7 +89,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "watering houseplants",
-        "questions": ["How often should I water my houseplants?", "Why are the leaves on my plant turning yellow?", "How do I keep indoor plants healthy?"],
+        "questions": [
+            "How often should I water my houseplants?",
+            "Why are the leaves on my plant turning yellow?",
+            "How do I keep indoor plants healthy?",
+        ],
         "good": [
             "Water when the top inch of soil feels dry to the touch.",
             "Use pots with drainage holes so the roots do not sit in water.",
@@ -95,7 +108,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "growing tomatoes",
-        "questions": ["How do I grow tomatoes in my garden?", "When should I plant tomatoes?", "Why are my tomato plants not fruiting?"],
+        "questions": [
+            "How do I grow tomatoes in my garden?",
+            "When should I plant tomatoes?",
+            "Why are my tomato plants not fruiting?",
+        ],
         "good": [
             "Plant tomatoes after the last frost when the soil is warm.",
             "Give them at least six hours of direct sun every day.",
@@ -110,7 +127,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "starting to run",
-        "questions": ["How should a beginner start running?", "How do I build up to running a few miles?", "Any advice for a new runner?"],
+        "questions": [
+            "How should a beginner start running?",
+            "How do I build up to running a few miles?",
+            "Any advice for a new runner?",
+        ],
         "good": [
             "Start with short intervals of running and walking.",
             "Increase your weekly distance slowly, by about ten percent.",
@@ -125,7 +146,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "stretching",
-        "questions": ["Should I stretch before exercise?", "How do I improve my flexibility?", "What is a good way to stretch safely?"],
+        "questions": [
+            "Should I stretch before exercise?",
+            "How do I improve my flexibility?",
+            "What is a good way to stretch safely?",
+        ],
         "good": [
             "Warm up with light movement for a few minutes first.",
             "Hold each gentle stretch for about twenty to thirty seconds.",
@@ -140,7 +165,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "sleeping better",
-        "questions": ["How can I fall asleep faster?", "Any tips for better sleep?", "Why do I wake up tired every morning?"],
+        "questions": [
+            "How can I fall asleep faster?",
+            "Any tips for better sleep?",
+            "Why do I wake up tired every morning?",
+        ],
         "good": [
             "Go to bed and wake up at the same time every day.",
             "Keep the bedroom dark, quiet and a little cool.",
@@ -155,7 +184,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "drinking water",
-        "questions": ["How much water should I drink each day?", "How can I remember to drink more water?", "Is it important to stay hydrated?"],
+        "questions": [
+            "How much water should I drink each day?",
+            "How can I remember to drink more water?",
+            "Is it important to stay hydrated?",
+        ],
         "good": [
             "Needs vary, but many adults do well with several glasses a day.",
             "Carry a refillable bottle so water is always close by.",
@@ -170,7 +203,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "python lists",
-        "questions": ["How do I add an item to a list in Python?", "How can I sort a list in Python?", "What is a list in Python?"],
+        "questions": [
+            "How do I add an item to a list in Python?",
+            "How can I sort a list in Python?",
+            "What is a list in Python?",
+        ],
         "good": [
             "A list is an ordered collection that you can change.",
             "Use the append method to add one item to the end.",
@@ -185,7 +222,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "git commits",
-        "questions": ["How do I save my changes with git?", "What does git commit do?", "How do I write a good commit message?"],
+        "questions": [
+            "How do I save my changes with git?",
+            "What does git commit do?",
+            "How do I write a good commit message?",
+        ],
         "good": [
             "Stage your changes with git add, then run git commit.",
             "A commit records a snapshot of the staged files in history.",
@@ -200,7 +241,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "debugging code",
-        "questions": ["How do I find a bug in my program?", "My code crashes, where should I start?", "What is a good debugging approach?"],
+        "questions": [
+            "How do I find a bug in my program?",
+            "My code crashes, where should I start?",
+            "What is a good debugging approach?",
+        ],
         "good": [
             "Read the error message and the line number it points to.",
             "Reproduce the problem with the smallest input you can.",
@@ -215,7 +260,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "strong passwords",
-        "questions": ["How do I make a strong password?", "Is it safe to reuse passwords?", "How should I manage my passwords?"],
+        "questions": [
+            "How do I make a strong password?",
+            "Is it safe to reuse passwords?",
+            "How should I manage my passwords?",
+        ],
         "good": [
             "Use a long passphrase made of several unrelated words.",
             "Use a different password for every account.",
@@ -230,7 +279,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "saving money",
-        "questions": ["How can I start saving money?", "What is a simple way to build savings?", "How do I stop overspending?"],
+        "questions": [
+            "How can I start saving money?",
+            "What is a simple way to build savings?",
+            "How do I stop overspending?",
+        ],
         "good": [
             "Write down what you spend for a month to see where it goes.",
             "Set up an automatic transfer to savings on payday.",
@@ -245,7 +298,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "making a budget",
-        "questions": ["How do I make a monthly budget?", "What should a simple budget include?", "Can you help me plan a budget?"],
+        "questions": [
+            "How do I make a monthly budget?",
+            "What should a simple budget include?",
+            "Can you help me plan a budget?",
+        ],
         "good": [
             "List your monthly income after taxes.",
             "Add up fixed costs like rent, bills and transport.",
@@ -260,7 +317,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "studying for exams",
-        "questions": ["How should I study for an exam?", "What is the best way to remember what I study?", "How do I prepare for a test?"],
+        "questions": [
+            "How should I study for an exam?",
+            "What is the best way to remember what I study?",
+            "How do I prepare for a test?",
+        ],
         "good": [
             "Spread your study over several days instead of cramming.",
             "Test yourself with practice questions rather than rereading.",
@@ -275,7 +336,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "learning a language",
-        "questions": ["How can I learn a new language?", "What is the fastest way to improve my Spanish?", "How do I practice speaking a language?"],
+        "questions": [
+            "How can I learn a new language?",
+            "What is the fastest way to improve my Spanish?",
+            "How do I practice speaking a language?",
+        ],
         "good": [
             "Practice a little every day instead of a lot once a week.",
             "Learn the most common words and phrases first.",
@@ -290,7 +355,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "writing an email",
-        "questions": ["How do I write a polite work email?", "How should I start a formal email?", "Any tips for clear emails?"],
+        "questions": [
+            "How do I write a polite work email?",
+            "How should I start a formal email?",
+            "Any tips for clear emails?",
+        ],
         "good": [
             "Use a clear subject line that says what the email is about.",
             "Start with a short greeting and get to the point quickly.",
@@ -305,7 +374,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "job interviews",
-        "questions": ["How do I prepare for a job interview?", "What should I do before an interview?", "How can I feel ready for an interview?"],
+        "questions": [
+            "How do I prepare for a job interview?",
+            "What should I do before an interview?",
+            "How can I feel ready for an interview?",
+        ],
         "good": [
             "Read about the company and the role before the day.",
             "Practice answering common questions out loud.",
@@ -320,7 +393,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "public speaking",
-        "questions": ["How can I get better at public speaking?", "How do I calm my nerves before a talk?", "Any tips for giving a presentation?"],
+        "questions": [
+            "How can I get better at public speaking?",
+            "How do I calm my nerves before a talk?",
+            "Any tips for giving a presentation?",
+        ],
         "good": [
             "Rehearse the talk out loud several times.",
             "Know your first few sentences well so you start confidently.",
@@ -335,7 +412,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "caring for a dog",
-        "questions": ["How do I take care of a new puppy?", "How often should I walk my dog?", "What does a dog need to be happy?"],
+        "questions": [
+            "How do I take care of a new puppy?",
+            "How often should I walk my dog?",
+            "What does a dog need to be happy?",
+        ],
         "good": [
             "Most dogs need at least one or two walks every day.",
             "Give fresh water and a balanced dog food.",
@@ -365,7 +446,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "packing for travel",
-        "questions": ["How do I pack light for a trip?", "What should I bring on a week long trip?", "Any tips for packing a suitcase?"],
+        "questions": [
+            "How do I pack light for a trip?",
+            "What should I bring on a week long trip?",
+            "Any tips for packing a suitcase?",
+        ],
         "good": [
             "Make a list and check the weather before you pack.",
             "Choose clothes that mix and match with each other.",
@@ -380,7 +465,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "catching a flight",
-        "questions": ["How early should I get to the airport?", "How do I avoid missing my flight?", "What do I need for a flight?"],
+        "questions": [
+            "How early should I get to the airport?",
+            "How do I avoid missing my flight?",
+            "What do I need for a flight?",
+        ],
         "good": [
             "Arrive about two hours early for most domestic flights.",
             "Check in online and keep your boarding pass ready.",
@@ -395,7 +484,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "cleaning the kitchen",
-        "questions": ["How do I keep my kitchen clean?", "What is a quick kitchen cleaning routine?", "How do I clean a greasy stove?"],
+        "questions": [
+            "How do I keep my kitchen clean?",
+            "What is a quick kitchen cleaning routine?",
+            "How do I clean a greasy stove?",
+        ],
         "good": [
             "Wipe counters after cooking while spills are fresh.",
             "Wash dishes or load the dishwasher every evening.",
@@ -410,7 +503,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "doing laundry",
-        "questions": ["How do I wash clothes without ruining them?", "Should I separate my laundry?", "How do I keep white shirts white?"],
+        "questions": [
+            "How do I wash clothes without ruining them?",
+            "Should I separate my laundry?",
+            "How do I keep white shirts white?",
+        ],
         "good": [
             "Read the care labels before washing.",
             "Wash dark and bright colors separately from whites.",
@@ -425,7 +522,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "fixing a leaky faucet",
-        "questions": ["How do I fix a dripping tap?", "My faucet keeps leaking, what can I do?", "Can I repair a leaky faucet myself?"],
+        "questions": [
+            "How do I fix a dripping tap?",
+            "My faucet keeps leaking, what can I do?",
+            "Can I repair a leaky faucet myself?",
+        ],
         "good": [
             "Turn off the water supply under the sink first.",
             "A worn washer or cartridge is the usual cause of drips.",
@@ -455,7 +556,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "changing a tire",
-        "questions": ["How do I change a flat tire?", "What should I do when I get a flat?", "Can you explain how to change a car tire?"],
+        "questions": [
+            "How do I change a flat tire?",
+            "What should I do when I get a flat?",
+            "Can you explain how to change a car tire?",
+        ],
         "good": [
             "Park on flat ground and turn on the hazard lights.",
             "Loosen the nuts a little before lifting the car.",
@@ -470,7 +575,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "making coffee",
-        "questions": ["How do I make good coffee at home?", "What is the right amount of coffee per cup?", "Why does my coffee taste bitter?"],
+        "questions": [
+            "How do I make good coffee at home?",
+            "What is the right amount of coffee per cup?",
+            "Why does my coffee taste bitter?",
+        ],
         "good": [
             "Use freshly ground beans for the best flavor.",
             "Try about two tablespoons of coffee for each cup of water.",
@@ -485,7 +594,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "brewing tea",
-        "questions": ["How do I make a good cup of tea?", "How long should tea steep?", "What water temperature is best for tea?"],
+        "questions": [
+            "How do I make a good cup of tea?",
+            "How long should tea steep?",
+            "What water temperature is best for tea?",
+        ],
         "good": [
             "Black tea usually steeps for three to five minutes.",
             "Green tea tastes better with water that is not boiling.",
@@ -500,7 +613,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "first aid for burns",
-        "questions": ["What should I do for a small burn?", "How do I treat a minor kitchen burn?", "I burned my finger, what now?"],
+        "questions": [
+            "What should I do for a small burn?",
+            "How do I treat a minor kitchen burn?",
+            "I burned my finger, what now?",
+        ],
         "good": [
             "Cool the burn under running cool water for several minutes.",
             "Cover it loosely with a clean dressing.",
@@ -515,7 +632,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "handling a cold",
-        "questions": ["How do I feel better with a cold?", "What helps with a common cold?", "How can I recover from a cold faster?"],
+        "questions": [
+            "How do I feel better with a cold?",
+            "What helps with a common cold?",
+            "How can I recover from a cold faster?",
+        ],
         "good": [
             "Rest as much as you can and drink plenty of fluids.",
             "Warm drinks and honey can soothe a sore throat.",
@@ -530,7 +651,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "reading more books",
-        "questions": ["How can I read more books?", "How do I build a reading habit?", "I never finish books, any advice?"],
+        "questions": [
+            "How can I read more books?",
+            "How do I build a reading habit?",
+            "I never finish books, any advice?",
+        ],
         "good": [
             "Read a few pages at the same time every day.",
             "Keep a book with you for short waits.",
@@ -545,7 +670,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "learning guitar",
-        "questions": ["How do I start learning guitar?", "What should a beginner guitarist practice?", "How long does it take to learn guitar?"],
+        "questions": [
+            "How do I start learning guitar?",
+            "What should a beginner guitarist practice?",
+            "How long does it take to learn guitar?",
+        ],
         "good": [
             "Learn a few basic chords and switch between them slowly.",
             "Practice for short sessions every day.",
@@ -560,7 +689,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "taking photos",
-        "questions": ["How can I take better photos with my phone?", "Any tips for nicer pictures?", "How do I improve my photography?"],
+        "questions": [
+            "How can I take better photos with my phone?",
+            "Any tips for nicer pictures?",
+            "How do I improve my photography?",
+        ],
         "good": [
             "Use natural light and face the subject toward it.",
             "Keep the horizon straight and the lens clean.",
@@ -575,7 +708,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "time management",
-        "questions": ["How can I manage my time better?", "How do I stop procrastinating?", "How can I get more done each day?"],
+        "questions": [
+            "How can I manage my time better?",
+            "How do I stop procrastinating?",
+            "How can I get more done each day?",
+        ],
         "good": [
             "Write a short list of the most important tasks for the day.",
             "Break big tasks into small steps you can start right away.",
@@ -590,7 +727,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "making friends",
-        "questions": ["How do I make friends in a new city?", "How can I meet new people?", "I feel lonely after moving, any advice?"],
+        "questions": [
+            "How do I make friends in a new city?",
+            "How can I meet new people?",
+            "I feel lonely after moving, any advice?",
+        ],
         "good": [
             "Join a club, class or group around something you enjoy.",
             "Say yes to invitations, even small ones.",
@@ -605,7 +746,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "recycling",
-        "questions": ["How do I recycle properly?", "What can I put in the recycling bin?", "How can I recycle more at home?"],
+        "questions": [
+            "How do I recycle properly?",
+            "What can I put in the recycling bin?",
+            "How can I recycle more at home?",
+        ],
         "good": [
             "Check the local rules, because they differ by city.",
             "Rinse food out of containers before recycling them.",
@@ -620,7 +765,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "saving energy",
-        "questions": ["How can I lower my electricity bill?", "How do I save energy at home?", "What uses the most energy at home?"],
+        "questions": [
+            "How can I lower my electricity bill?",
+            "How do I save energy at home?",
+            "What uses the most energy at home?",
+        ],
         "good": [
             "Switch to LED bulbs and turn off lights you are not using.",
             "Heating and cooling usually use the most energy.",
@@ -635,7 +784,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "meal planning",
-        "questions": ["How do I plan meals for the week?", "How can I eat healthier on a budget?", "What is a simple meal prep routine?"],
+        "questions": [
+            "How do I plan meals for the week?",
+            "How can I eat healthier on a budget?",
+            "What is a simple meal prep routine?",
+        ],
         "good": [
             "Pick a few meals and write a shopping list from them.",
             "Cook a large batch and keep portions for later.",
@@ -650,7 +803,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "keeping food fresh",
-        "questions": ["How long do leftovers last?", "How should I store leftovers?", "How do I keep food from spoiling?"],
+        "questions": [
+            "How long do leftovers last?",
+            "How should I store leftovers?",
+            "How do I keep food from spoiling?",
+        ],
         "good": [
             "Put leftovers in the fridge within two hours of cooking.",
             "Most cooked leftovers are good for three to four days.",
@@ -665,7 +822,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "using a spreadsheet",
-        "questions": ["How do I add up a column in a spreadsheet?", "How do I sort data in a spreadsheet?", "What is a spreadsheet formula?"],
+        "questions": [
+            "How do I add up a column in a spreadsheet?",
+            "How do I sort data in a spreadsheet?",
+            "What is a spreadsheet formula?",
+        ],
         "good": [
             "A formula starts with an equals sign.",
             "Use the SUM function with a range to add a column.",
@@ -680,7 +841,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "backing up files",
-        "questions": ["How should I back up my computer?", "How do I avoid losing my photos?", "What is a good backup plan?"],
+        "questions": [
+            "How should I back up my computer?",
+            "How do I avoid losing my photos?",
+            "What is a good backup plan?",
+        ],
         "good": [
             "Keep at least two copies of important files.",
             "Store one copy somewhere else, like a cloud service.",
@@ -695,7 +860,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "birdwatching",
-        "questions": ["How do I get started with birdwatching?", "How can I attract birds to my yard?", "What do I need to watch birds?"],
+        "questions": [
+            "How do I get started with birdwatching?",
+            "How can I attract birds to my yard?",
+            "What do I need to watch birds?",
+        ],
         "good": [
             "A pair of binoculars and a field guide are a good start.",
             "Go out early in the morning when birds are most active.",
@@ -710,7 +879,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "planning a party",
-        "questions": ["How do I plan a birthday party?", "What do I need for a small party?", "How can I host a dinner party?"],
+        "questions": [
+            "How do I plan a birthday party?",
+            "What do I need for a small party?",
+            "How can I host a dinner party?",
+        ],
         "good": [
             "Set a date and send invitations a couple of weeks ahead.",
             "Ask guests about allergies before planning the food.",
@@ -725,7 +898,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "writing a resume",
-        "questions": ["How do I write a good resume?", "What should I put on my resume?", "How long should a resume be?"],
+        "questions": [
+            "How do I write a good resume?",
+            "What should I put on my resume?",
+            "How long should a resume be?",
+        ],
         "good": [
             "Keep it to one or two pages with clear headings.",
             "List your experience with the most recent job first.",
@@ -740,7 +917,11 @@ TOPICS: list[dict[str, Any]] = [
     },
     {
         "name": "growing herbs",
-        "questions": ["How do I grow herbs on a windowsill?", "Which herbs are easy to grow?", "How do I keep basil alive?"],
+        "questions": [
+            "How do I grow herbs on a windowsill?",
+            "Which herbs are easy to grow?",
+            "How do I keep basil alive?",
+        ],
         "good": [
             "Basil, mint and parsley are easy herbs to start with.",
             "Place them in a sunny window with several hours of light.",
@@ -756,22 +937,46 @@ TOPICS: list[dict[str, Any]] = [
 ]
 
 OPENERS = [
-    "", "", "Sure!", "Good question.", "Happy to help.", "Of course.", "Great question!", "Here is what works well.",
-    "Glad you asked.", "No problem.", "Sure, here are a few tips.",
+    "",
+    "",
+    "Sure!",
+    "Good question.",
+    "Happy to help.",
+    "Of course.",
+    "Great question!",
+    "Here is what works well.",
+    "Glad you asked.",
+    "No problem.",
+    "Sure, here are a few tips.",
 ]
 CLOSERS = [
-    "", "", "Hope this helps!", "Good luck!", "Let me know if you have more questions.", "Have fun with it!",
-    "Feel free to ask if anything is unclear.", "You've got this.",
+    "",
+    "",
+    "Hope this helps!",
+    "Good luck!",
+    "Let me know if you have more questions.",
+    "Have fun with it!",
+    "Feel free to ask if anything is unclear.",
+    "You've got this.",
 ]
 WRONG_OPENERS = ["", "", "Sure.", "Easy.", "Here is the trick.", "Everyone knows this.", "Trust me on this."]
 PROMPT_PREFIXES = ["", "", "", "Quick question: ", "Hi! ", "Can you help? ", "I need some advice. ", "Hello, "]
 RUDE_OPENERS = [
-    "Ugh, seriously?", "What a dumb question.", "Are you kidding me?", "Wow, you really don't know this?",
-    "Stop wasting my time.", "That's a stupid thing to ask.", "Honestly, this is embarrassing.",
+    "Ugh, seriously?",
+    "What a dumb question.",
+    "Are you kidding me?",
+    "Wow, you really don't know this?",
+    "Stop wasting my time.",
+    "That's a stupid thing to ask.",
+    "Honestly, this is embarrassing.",
 ]
 RUDE_CLOSERS = [
-    "Now go away.", "Figure the rest out yourself.", "Don't ask me again.", "Whatever.",
-    "I can't believe I had to explain that.", "Try using your brain next time.",
+    "Now go away.",
+    "Figure the rest out yourself.",
+    "Don't ask me again.",
+    "Whatever.",
+    "I can't believe I had to explain that.",
+    "Try using your brain next time.",
 ]
 REFUSALS = [
     "I'm sorry, but I can't help with {name}.",

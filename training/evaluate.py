@@ -23,8 +23,9 @@ import csv
 import json
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from training.checkpoint import CheckpointError, RewardCheckpoint, load_checkpoint, score_all
 from training.formatting import FormattingError
@@ -81,7 +82,9 @@ def evaluate_pairs(
     truncated = 0
     for index, row in enumerate(rows):
         if not isinstance(row, Mapping):
-            raise FormattingError(f"row {index}: expected an object with 'chosen' and 'rejected', got {type(row).__name__}")
+            raise FormattingError(
+                f"row {index}: expected an object with 'chosen' and 'rejected', got {type(row).__name__}"
+            )
         try:
             chosen, rejected = checkpoint.formatter.encode_pair(row)
         except FormattingError as exc:
@@ -165,7 +168,9 @@ def read_local_rows(path: str | Path) -> list[dict[str, Any]]:
         except ImportError as exc:
             raise EvaluationError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from exc
         return pq.read_table(path).to_pylist()
-    raise EvaluationError(f"{path}: unknown dataset format {suffix or '(no suffix)'!r}; use .jsonl, .json, .csv or .parquet")
+    raise EvaluationError(
+        f"{path}: unknown dataset format {suffix or '(no suffix)'!r}; use .jsonl, .json, .csv or .parquet"
+    )
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -194,8 +199,16 @@ def plot_rewards(chosen: Sequence[float], rejected: Sequence[float], path: str |
     try:
         low, high = min(min(chosen), min(rejected)), max(max(chosen), max(rejected))
         edges = [low + (high - low) * i / bins for i in range(bins + 1)] if high > low else bins
-        left.hist(chosen, bins=edges, alpha=0.6, label=f"chosen (mean {sum(chosen) / len(chosen):.3f})", color="tab:green")
-        left.hist(rejected, bins=edges, alpha=0.6, label=f"rejected (mean {sum(rejected) / len(rejected):.3f})", color="tab:red")
+        left.hist(
+            chosen, bins=edges, alpha=0.6, label=f"chosen (mean {sum(chosen) / len(chosen):.3f})", color="tab:green"
+        )
+        left.hist(
+            rejected,
+            bins=edges,
+            alpha=0.6,
+            label=f"rejected (mean {sum(rejected) / len(rejected):.3f})",
+            color="tab:red",
+        )
         left.set_xlabel("reward")
         left.set_ylabel("pairs")
         left.set_title("reward distributions")
@@ -220,21 +233,38 @@ def build_parser() -> argparse.ArgumentParser:
         prog="reward-eval",
         description="Score a preference dataset with a reward checkpoint: accuracy, mean margin, truncation.",
     )
-    parser.add_argument("--checkpoint", required=True, help="reward checkpoint folder (from reward-train, or any "
-                        "safetensors sequence-classification folder)")
-    parser.add_argument("--dataset", required=True, help="preference data: .jsonl/.json/.csv/.parquet with chosen, "
-                        "rejected and optional prompt columns")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="reward checkpoint folder (from reward-train, or any safetensors sequence-classification folder)",
+    )
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="preference data: .jsonl/.json/.csv/.parquet with chosen, rejected and optional prompt columns",
+    )
     parser.add_argument("--split", default=None, help="dataset split, for sources that have several")
     parser.add_argument("--output", default=None, help="write the JSON report (metrics and per-pair scores) here")
     parser.add_argument("--plot", default=None, help="write a PNG of the reward and margin distributions here")
-    parser.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
-                        help=f"token budget per forward batch (default {DEFAULT_MAX_BATCH_TOKENS})")
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=DEFAULT_MAX_BATCH_TOKENS,
+        help=f"token budget per forward batch (default {DEFAULT_MAX_BATCH_TOKENS})",
+    )
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--reward-label", default=None, help="which output is the reward, for multi-output "
-                        "classifiers: a label name or index")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="max tokens per side, only for checkpoints without a manifest (default: the tokenizer's)")
+    parser.add_argument(
+        "--reward-label",
+        default=None,
+        help="which output is the reward, for multi-output classifiers: a label name or index",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="max tokens per side, only for checkpoints without a manifest (default: the tokenizer's)",
+    )
     return parser
 
 

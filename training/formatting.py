@@ -18,8 +18,9 @@ written to the checkpoint's manifest and read back by the service.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 Architecture = Literal["encoder", "decoder"]
 TruncationSide = Literal["left", "right"]
@@ -60,7 +61,7 @@ class FormattingRecipe:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "FormattingRecipe":
+    def from_dict(cls, data: Mapping[str, Any]) -> FormattingRecipe:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 

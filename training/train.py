@@ -36,8 +36,10 @@ class ScriptArguments:
 
     dataset_name: str = field(
         default=DEMO,
-        metadata={"help": "Preference data: a local .jsonl/.json/.parquet/.csv file, a folder of them, a hub id, "
-                          "or 'demo' (the embedded demo pairs)."},
+        metadata={
+            "help": "Preference data: a local .jsonl/.json/.parquet/.csv file, a folder of them, a hub id, "
+            "or 'demo' (the embedded demo pairs)."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub data set configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on (hub data sets)."})
@@ -47,18 +49,24 @@ class ScriptArguments:
     dataset_test_split: str = field(default="test", metadata={"help": "Split of --eval_dataset_name (hub)."})
     eval_split_ratio: float = field(
         default=0.1,
-        metadata={"help": "Without --eval_dataset_name, the share of the training rows held out for evaluation "
-                          "(0 evaluates on the training rows)."},
+        metadata={
+            "help": "Without --eval_dataset_name, the share of the training rows held out for evaluation "
+            "(0 evaluates on the training rows)."
+        },
     )
     truncation_side: str = field(
         default="left",
-        metadata={"help": "Which end to cut when a text exceeds --max_length: 'left' keeps the reply being judged.",
-                  "choices": ["left", "right"]},
+        metadata={
+            "help": "Which end to cut when a text exceeds --max_length: 'left' keeps the reply being judged.",
+            "choices": ["left", "right"],
+        },
     )
     architecture: str | None = field(
         default=None,
-        metadata={"help": "Force the formatting family ('encoder' or 'decoder'); detected from the tokenizer by default.",
-                  "choices": ["encoder", "decoder"]},
+        metadata={
+            "help": "Force the formatting family ('encoder' or 'decoder'); detected from the tokenizer by default.",
+            "choices": ["encoder", "decoder"],
+        },
     )
 
 
@@ -75,13 +83,18 @@ def reward_config_class():
         output_dir: str = field(default_factory=_default_output_dir, metadata={"help": "Where the checkpoint goes."})
         bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision (off unless asked)."})
         gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory (off)."})
-        max_length: int | None = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Tokens per text; longer texts are truncated (never dropped)."})
+        max_length: int | None = field(
+            default=DEFAULT_MAX_LENGTH,
+            metadata={"help": "Tokens per text; longer texts are truncated (never dropped)."},
+        )
         learning_rate: float = field(default=DEFAULT_LEARNING_RATE, metadata={"help": "Initial AdamW learning rate."})
         num_train_epochs: float = field(default=DEFAULT_EPOCHS, metadata={"help": "Training epochs."})
         per_device_train_batch_size: int = field(default=16, metadata={"help": "Pairs per device per step."})
         per_device_eval_batch_size: int = field(default=16, metadata={"help": "Pairs per device per eval step."})
         warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a float < 1 is a ratio)."})
-        save_strategy: str = field(default="no", metadata={"help": "Intermediate checkpoints (the final one is always written)."})
+        save_strategy: str = field(
+            default="no", metadata={"help": "Intermediate checkpoints (the final one is always written)."}
+        )
         train_sampling_strategy: str = field(
             default="group_by_length", metadata={"help": "Batches of similar length waste less padding."}
         )
@@ -140,20 +153,28 @@ def train(script_args: ScriptArguments, training_args, model_args) -> TrainResul
     from training.evaluate import evaluate_pairs
 
     if getattr(training_args, "trust_remote_code", False):
-        raise CheckpointError("--trust_remote_code is not supported: checkpoints must load (and be served) without remote code")
+        raise CheckpointError(
+            "--trust_remote_code is not supported: checkpoints must load (and be served) without remote code"
+        )
     base_model = model_args.model_name_or_path or default_base_model()
     tokenizer = load_tokenizer(base_model)
 
-    rows = load_preference_rows(script_args.dataset_name, split=script_args.dataset_train_split, config=script_args.dataset_config)
+    rows = load_preference_rows(
+        script_args.dataset_name, split=script_args.dataset_train_split, config=script_args.dataset_config
+    )
     if script_args.eval_dataset_name:
         train_rows = rows
-        eval_rows = load_preference_rows(script_args.eval_dataset_name, split=script_args.dataset_test_split, config=script_args.dataset_config)
+        eval_rows = load_preference_rows(
+            script_args.eval_dataset_name, split=script_args.dataset_test_split, config=script_args.dataset_config
+        )
         eval_source = script_args.eval_dataset_name
     elif script_args.eval_split_ratio > 0 and script_args.dataset_name == DEMO:
         from training.demo_data import generate_split
 
         # Held out by topic: the accuracy then measures new subjects, not new wordings of seen ones.
-        train_rows, eval_rows = generate_split(len(rows), seed=training_args.seed, eval_fraction=script_args.eval_split_ratio)
+        train_rows, eval_rows = generate_split(
+            len(rows), seed=training_args.seed, eval_fraction=script_args.eval_split_ratio
+        )
         eval_source = f"demo pairs on {script_args.eval_split_ratio:.0%} of the topics, unseen in training"
     elif script_args.eval_split_ratio > 0:
         train_rows, eval_rows = split_rows(rows, script_args.eval_split_ratio, training_args.seed)
@@ -161,7 +182,9 @@ def train(script_args: ScriptArguments, training_args, model_args) -> TrainResul
     else:
         train_rows, eval_rows, eval_source = rows, rows, "the training rows (no held-out set)"
 
-    model = load_model(base_model, num_labels=1, dtype=model_args.dtype if model_args.dtype not in (None, "auto") else None)
+    model = load_model(
+        base_model, num_labels=1, dtype=model_args.dtype if model_args.dtype not in (None, "auto") else None
+    )
     ensure_pad_token(tokenizer, model.config)
     recipe = recipe_for(
         tokenizer,
@@ -174,7 +197,11 @@ def train(script_args: ScriptArguments, training_args, model_args) -> TrainResul
     eval_columns, eval_truncated = encode_rows(formatter, eval_rows)
     logger.info(
         "%d training pairs (%d truncated to %d tokens, none dropped), %d eval pairs from %s",
-        len(train_rows), train_truncated, recipe.max_length, len(eval_rows), eval_source,
+        len(train_rows),
+        train_truncated,
+        recipe.max_length,
+        len(eval_rows),
+        eval_source,
     )
 
     trainer = RewardTrainer(
@@ -243,7 +270,11 @@ def train(script_args: ScriptArguments, training_args, model_args) -> TrainResul
         write_model_card(output_dir, manifest)
         logger.info(
             "wrote %s: eval accuracy %.4f, mean margin %.3f over %d pairs; trained in %.0f s",
-            output_dir, eval_report["accuracy"], eval_report["mean_margin"], eval_report["n"], train_seconds,
+            output_dir,
+            eval_report["accuracy"],
+            eval_report["mean_margin"],
+            eval_report["n"],
+            train_seconds,
         )
     return TrainResult(output_dir, manifest, trainer, train_rows, eval_rows)
 
