@@ -19,7 +19,27 @@ from training.formatting import (
     recipe_for,
 )
 
-WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "red", "green", "blue", "cat", "dog", "bird", "tree", "river", "city"]
+WORDS = [
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "red",
+    "green",
+    "blue",
+    "cat",
+    "dog",
+    "bird",
+    "tree",
+    "river",
+    "city",
+]
 LONG_TEXT = " ".join(WORDS * 2)  # 38 words, each a single word-piece in the tiny BERT vocabulary
 
 
@@ -139,6 +159,56 @@ def test_decoder_appends_eos_exactly_once(llama_tok):
     closed = f.encode({"text": "hello world" + llama_tok.eos_token})
     assert closed.input_ids == plain.input_ids
     assert closed.input_ids.count(eos) == 1
+
+
+def test_a_text_that_already_starts_with_bos_gets_no_second_one(llama_tok):
+    """OpenRLHF's query is prompt + response decoded with the policy's special tokens: it starts with bos."""
+    bos, eos = llama_tok.bos_token_id, llama_tok.eos_token_id
+    assert llama_tok("hello world")["input_ids"][0] == bos  # the tokenizer itself adds a bos
+    f = fmt(llama_tok)
+    plain = f.encode({"text": "hello world"}).input_ids
+    assert plain[0] == bos and plain.count(bos) == 1
+    assert f.encode({"text": "<s>hello world"}).input_ids == plain
+    assert f.encode({"text": "<s>hello world</s>"}).input_ids == plain
+    assert f.encode({"prompt": "<s>hello", "response": " world"}).input_ids == plain
+    # only the duplicate goes: a bos in the middle of a text is the text's own
+    middle = f.encode({"text": "hello<s> world"}).input_ids
+    assert middle.count(bos) == 2 and middle[-1] == eos
+
+
+def test_a_text_that_already_ends_with_eos_gets_no_second_one_from_the_tokenizer():
+    """A tokenizer that adds eos itself (no eos appended by the recipe) keeps one eos at the end."""
+    from tiny_models import make_llama_tokenizer
+
+    tokenizer = make_llama_tokenizer(add_eos=True)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    assert tokenizer("hello world</s>")["input_ids"][-2:] == [eos, eos]  # what the rule prevents
+    f = fmt(tokenizer)
+    plain = f.encode({"text": "hello world"}).input_ids
+    assert plain[0] == bos and plain[-1] == eos and plain.count(eos) == 1 and plain.count(bos) == 1
+    assert f.encode({"text": "hello world</s>"}).input_ids == plain
+    assert f.encode({"text": "<s>hello world</s>"}).input_ids == plain
+
+
+def test_recipes_from_before_the_rule_keep_their_old_ids(llama_tok):
+    """A manifest without ``skip_duplicate_specials`` loads with it off: served as it was trained."""
+    data = recipe_for(llama_tok).to_dict()
+    assert data["skip_duplicate_specials"] is True
+    del data["skip_duplicate_specials"]
+    old = Formatter(llama_tok, FormattingRecipe.from_dict(data))
+    assert old.recipe.skip_duplicate_specials is False
+    bos = llama_tok.bos_token_id
+    assert old.encode({"text": "<s>hello world"}).input_ids == [
+        bos,
+        *fmt(llama_tok).encode({"text": "hello world"}).input_ids,
+    ]
+
+
+def test_encoders_are_untouched_by_the_bos_rule(bert_tok):
+    recipe = recipe_for(bert_tok)
+    assert recipe.skip_duplicate_specials is True
+    f = Formatter(bert_tok, recipe)
+    assert f.encode({"text": "the quick brown fox"}).input_ids == bert_tok("the quick brown fox")["input_ids"]
 
 
 def test_decoder_left_truncation_keeps_bos_eos_and_end(llama_tok):

@@ -3,7 +3,8 @@
 - :func:`make_tiny_bert`: a BERT-like encoder with a WordPiece tokenizer whose vocabulary is the words of the demo
   data and of the tests, plus single characters and ``##`` continuations so any word still tokenizes;
 - :func:`make_tiny_llama`: a Llama-like decoder with a byte-level BPE tokenizer trained on the same texts,
-  ``<s>`` prepended, no pad token (so the eos fallback is exercised) and a small chat template.
+  ``<s>`` (bos) prepended to every text as Llama's tokenizers do, no pad token (so the eos fallback is exercised)
+  and a small chat template.
 
 Both save ``model.safetensors`` plus the tokenizer files to a folder usable as ``--model_name_or_path`` or as a
 plain checkpoint for :func:`training.checkpoint.load_checkpoint`.
@@ -76,7 +77,8 @@ def make_bert_tokenizer():
     return tokenizer
 
 
-def make_llama_tokenizer(*, chat_template: str | None = LLAMA_CHAT_TEMPLATE):
+def make_llama_tokenizer(*, chat_template: str | None = LLAMA_CHAT_TEMPLATE, add_eos: bool = False):
+    """The tiny Llama tokenizer; ``add_eos`` makes it close every text with ``</s>`` too (as some tokenizers do)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -90,9 +92,10 @@ def make_llama_tokenizer(*, chat_template: str | None = LLAMA_CHAT_TEMPLATE):
         show_progress=False,
     )
     backend.train_from_iterator(corpus(), trainer=trainer)
-    bos = backend.token_to_id("<s>")
+    bos, eos = backend.token_to_id("<s>"), backend.token_to_id("</s>")
+    end = " </s>" if add_eos else ""
     backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+        single=f"<s> $A{end}", pair=f"<s> $A{end} <s> $B{end}", special_tokens=[("<s>", bos), ("</s>", eos)]
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=512

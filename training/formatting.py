@@ -13,6 +13,12 @@ Items come in three shapes, as in TRL:
 The recipe (:class:`FormattingRecipe`) fixes everything else: the architecture family (encoders get their own
 special tokens and nothing more, decoders get ``eos`` appended once), ``max_length`` and the truncation side. It is
 written to the checkpoint's manifest and read back by the service.
+
+No doubled special tokens: a text that already starts with the ``bos`` token the tokenizer adds (OpenRLHF sends the
+policy's prompt + response decoded with its special tokens; any pre-templated text does the same) is not given a
+second one, and a text that already ends with the ``eos`` token is not given a second one either, so ``"<bos>Hi"``
+and ``"Hi"`` become the same ids. Recipes written before this rule (no ``skip_duplicate_specials`` in the manifest)
+keep their old behaviour: such a checkpoint was trained without the rule, and is served as it was trained.
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ class FormattingRecipe:
     chat_template: str | None = None
     chat_template_sha256: str | None = None
     prompt_response_join: str = "concatenate"
+    # The bos/eos the tokenizer adds is left out when the text already has it there. False in manifests written
+    # before the field existed (from_dict's default), so those checkpoints keep the ids they were trained on.
+    skip_duplicate_specials: bool = False
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,7 +71,7 @@ class FormattingRecipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FormattingRecipe:
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -93,6 +102,16 @@ def ensure_pad_token(tokenizer: Any, model_config: Any | None = None) -> int:
     return tokenizer.pad_token_id
 
 
+def added_special_tokens(tokenizer: Any) -> tuple[int | None, int | None]:
+    """The ``bos`` and ``eos`` ids that ``add_special_tokens=True`` puts around a text (None where it adds none)."""
+    with_specials = list(tokenizer("x", add_special_tokens=True)["input_ids"])
+    without = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    added_bos = bos if bos is not None and with_specials[:1] == [bos] and without[:1] != [bos] else None
+    added_eos = eos if eos is not None and with_specials[-1:] == [eos] and without[-1:] != [eos] else None
+    return added_bos, added_eos
+
+
 def recipe_for(
     tokenizer: Any,
     *,
@@ -119,6 +138,9 @@ def recipe_for(
                 )
     else:
         notes.append("encoder: single-segment encoding with the tokenizer's own special tokens, no eos appended")
+    added_bos, added_eos = added_special_tokens(tokenizer)
+    if added_bos is not None:
+        notes.append("a text that already starts with bos (e.g. a pre-templated prompt) gets no second bos")
     return FormattingRecipe(
         architecture=arch,
         max_length=int(max_length),
@@ -128,6 +150,7 @@ def recipe_for(
         pad_token_id=tokenizer.pad_token_id,
         chat_template=template,
         chat_template_sha256=hashlib.sha256(template.encode()).hexdigest() if template else None,
+        skip_duplicate_specials=True,
         notes=notes,
     )
 
@@ -155,6 +178,10 @@ class Formatter:
         self.tokenizer = tokenizer
         self.recipe = recipe
         self._special_ids = frozenset(int(i) for i in tokenizer.all_special_ids)
+        added = (
+            added_special_tokens(tokenizer) if recipe.skip_duplicate_specials and recipe.add_special_tokens else None
+        )
+        self._added_bos, self._added_eos = added or (None, None)
 
     # -- items ---------------------------------------------------------------------------------------------
     def encode(self, item: Mapping[str, Any]) -> Encoded:
@@ -171,6 +198,11 @@ class Formatter:
 
     def encode_text(self, text: str) -> Encoded:
         ids = list(self.tokenizer(text, add_special_tokens=self.recipe.add_special_tokens, verbose=False)["input_ids"])
+        # The tokenizer put its bos in front (eos behind); a text that already had one keeps only its own.
+        if self._added_bos is not None and len(ids) >= 2 and ids[0] == ids[1] == self._added_bos:
+            del ids[0]
+        if self._added_eos is not None and len(ids) >= 2 and ids[-1] == ids[-2] == self._added_eos:
+            del ids[-1]
         if self.recipe.append_eos and (not ids or ids[-1] != self.recipe.eos_token_id):
             ids.append(self.recipe.eos_token_id)
         return self._fit(ids)
