@@ -29,6 +29,7 @@ that raises :class:`BatchTooLarge` (out of memory) is retried in halves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -134,6 +135,10 @@ class _Entry:
     def length(self) -> int:
         return len(self.ids)
 
+    @property
+    def abandoned(self) -> bool:
+        return self.job.closed
+
 
 def _settle(future: asyncio.Future, result: list[float] | None, error: BaseException | None) -> None:
     if future.done():
@@ -142,6 +147,57 @@ def _settle(future: asyncio.Future, result: list[float] | None, error: BaseExcep
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+class Waiting(Protocol):
+    """What :func:`select_batch` needs of a waiting item."""
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def abandoned(self) -> bool: ...
+
+
+def select_batch(waiting: Sequence[Waiting], limits: BatchLimits) -> list[int]:
+    """The next batch: indices into ``waiting`` (oldest first), ordered by length. Empty when nothing is live.
+
+    The oldest live item is always in it; around it, in the live items sorted by (length, age), the neighbour that
+    adds the least padding is taken first, while ``longest x count <= max_batch_tokens``, ``count <=
+    max_batch_size`` and, with ``overhead_tokens``, each addition raises ``real / (overhead + padded)`` tokens.
+    Abandoned items are never chosen. A pure function of its arguments: no clock, no lock, no state.
+    """
+    live = [i for i, item in enumerate(waiting) if not item.abandoned]
+    if not live:
+        return []
+    oldest = live[0]
+    by_length = sorted(live, key=lambda i: (waiting[i].length, i))
+    lengths = [waiting[i].length for i in by_length]
+    lo = hi = by_length.index(oldest)
+    width = lengths[lo]
+    count = 1
+    real = width
+    max_tokens, max_size, overhead = limits.max_batch_tokens, limits.max_batch_size, limits.overhead_tokens
+    while count < max_size:
+        left = lengths[lo - 1] if lo > 0 else None
+        right = lengths[hi + 1] if hi + 1 < len(lengths) else None
+        # Padding each candidate adds: a shorter item is padded to the width; a longer one widens everyone.
+        left_cost = width - left if left is not None and width * (count + 1) <= max_tokens else None
+        right_cost = (right - width) * count if right is not None and right * (count + 1) <= max_tokens else None
+        if left_cost is None and right_cost is None:
+            break
+        take_left = right_cost is None or (left_cost is not None and left_cost <= right_cost)
+        added, new_width = (left, width) if take_left else (right, right)  # type: ignore[assignment]
+        if overhead and (real + added) * (overhead + width * count) < real * (overhead + new_width * (count + 1)):
+            break  # real / (overhead + padded) would drop: this batch is as efficient as it gets
+        if take_left:
+            lo -= 1
+        else:
+            hi += 1
+        width = new_width
+        real += added
+        count += 1
+    return by_length[lo : hi + 1]
 
 
 class Batcher:
@@ -291,46 +347,11 @@ class Batcher:
             self._waiting.popleft()
 
     def _take_batch(self) -> list[_Entry]:
-        """The oldest live item plus its nearest neighbours by length, within the limits. Holds the lock."""
-        live = [e for e in self._waiting if not e.job.closed]
-        if not live:
-            self._waiting.clear()
-            return []
-        oldest = live[0]
-        by_length = sorted(live, key=lambda e: (e.length, e.seq))
-        pos = next(i for i, e in enumerate(by_length) if e is oldest)
-        lo = hi = pos
-        width = oldest.length
-        count = 1
-        real = width
-        max_tokens, max_size = self.limits.max_batch_tokens, self.limits.max_batch_size
-        overhead = self.limits.overhead_tokens
-        while count < max_size:
-            left = by_length[lo - 1] if lo > 0 else None
-            right = by_length[hi + 1] if hi + 1 < len(by_length) else None
-            # Padding each candidate adds: a shorter item is padded to the width; a longer one widens everyone.
-            left_cost = width - left.length if left is not None and width * (count + 1) <= max_tokens else None
-            right_cost = (
-                (right.length - width) * count
-                if right is not None and right.length * (count + 1) <= max_tokens
-                else None
-            )
-            if left_cost is None and right_cost is None:
-                break
-            take_left = right_cost is None or (left_cost is not None and left_cost <= right_cost)
-            added, new_width = (left.length, width) if take_left else (right.length, right.length)  # type: ignore[union-attr]
-            if overhead and (real + added) * (overhead + width * count) < real * (overhead + new_width * (count + 1)):
-                break  # real / (overhead + padded) would drop: this batch is as efficient as it gets
-            if take_left:
-                lo -= 1
-            else:
-                hi += 1
-            width = new_width
-            real += added
-            count += 1
-        batch = by_length[lo : hi + 1]
+        """Take :func:`select_batch`'s choice out of the queue, with abandoned items. Holds the lock."""
+        waiting = list(self._waiting)
+        batch = [waiting[i] for i in select_batch(waiting, self.limits)]
         chosen = set(map(id, batch))
-        self._waiting = deque(e for e in self._waiting if id(e) not in chosen and not e.job.closed)
+        self._waiting = deque(e for e in waiting if id(e) not in chosen and not e.job.closed)
         for e in batch:
             e.job.queued_tokens -= e.length
             e.job.queued_items -= 1
@@ -365,7 +386,7 @@ class Batcher:
             logger.error("forward pass over %d items failed: %s: %s", len(live), exc.__class__.__name__, exc)
             self._fail([e.job for e in live], ForwardFailed(exc))
         else:
-            for entry, score in zip(live, scores):
+            for entry, score in zip(live, scores, strict=True):  # _forward_in_halves checked the count
                 self._deliver(entry, score)
         finally:
             self._forward_ended()
@@ -415,10 +436,8 @@ class Batcher:
 
     @staticmethod
     def _post(job: _Job, result: list[float] | None, error: BaseException | None) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting any more
             job.loop.call_soon_threadsafe(_settle, job.future, result, error)
-        except RuntimeError:  # the event loop is closed: nobody is waiting any more
-            pass
 
     def _retry_after_locked(self, extra_tokens: int) -> int:
         """Seconds until the queue has likely drained enough to admit ``extra_tokens`` more (1 to 60)."""
