@@ -16,17 +16,19 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import itertools
+import os
 import random
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeVar
 
 import httpx
 
-Item = Union[str, Mapping[str, Any]]
+Item = str | Mapping[str, Any]
+T = TypeVar("T")
 RETRIED_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
@@ -294,6 +296,41 @@ def _merge_comparison(parts: list[dict[str, Any]]) -> Comparison:
     )
 
 
+# -- calling async code from synchronous callers -------------------------------------------------------------------
+class BackgroundLoop:
+    """An event loop on a daemon thread, for synchronous callers of the async client (:meth:`run` blocks).
+
+    Its clients and connections live as long as the process; a forked child starts a loop of its own.
+    """
+
+    _lock = threading.Lock()
+    _shared: BackgroundLoop | None = None
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="reward-client-loop", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def shared(cls) -> BackgroundLoop:
+        with cls._lock:
+            if cls._shared is None or cls._shared.pid != os.getpid():
+                cls._shared = cls()
+            return cls._shared
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+
+def _in_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 # -- TRL -------------------------------------------------------------------------------------------------------------
 class RewardFunction:
     """A TRL ``reward_funcs`` entry (GRPOTrainer, RLOOTrainer) that scores completions with the service.
@@ -303,6 +340,15 @@ class RewardFunction:
     Plain-text prompts and completions are sent as ``{"prompt", "response"}``; conversational ones (lists of
     messages) as ``{"messages": prompt + completion}``. Other keyword arguments (dataset columns, trainer state)
     are ignored, never sent.
+
+    It works with every TRL whose GRPOTrainer takes ``reward_funcs``, whichever way it tells async functions apart:
+
+    - TRL 1.x asks ``is_async_callable(f)``, which looks at ``f.__call__``: that attribute is :meth:`ascore`, a
+      coroutine function, so the call is awaited on TRL's event loop alongside its other async reward functions;
+    - older TRL asks ``inspect.iscoroutinefunction(f)`` (or asks nothing): False for an instance, so it calls
+      ``f(...)`` synchronously, and a call made outside a running event loop blocks and returns the list.
+
+    In short, ``f(...)`` returns an awaitable when called from a coroutine, the scores otherwise.
     """
 
     def __init__(
@@ -318,8 +364,19 @@ class RewardFunction:
         self.__name__ = name
         self._client_kwargs = client_kwargs
         self._clients: dict[int, tuple[asyncio.AbstractEventLoop, AsyncRewardClient]] = {}
+        self._mark_async()
 
-    async def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+    def _mark_async(self) -> None:
+        # Explicit ``f.__call__`` finds this instance attribute; ``f(...)`` uses the class's __call__ below.
+        self.__call__ = self.ascore
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> Any:
+        coro = self.ascore(prompts, completions, **kwargs)
+        if _in_running_loop():
+            return coro
+        return BackgroundLoop.shared().run(coro)
+
+    async def ascore(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         items = [_trl_item(p, c) for p, c in zip(prompts, completions, strict=True)]
         result = await self._client().score(items, normalize=self.normalize)
         return result.scores
@@ -337,7 +394,12 @@ class RewardFunction:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_clients"] = {}
+        state.pop("__call__", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._mark_async()
 
     def __repr__(self) -> str:
         return f"RewardFunction({self.base_url!r}, normalize={self.normalize})"

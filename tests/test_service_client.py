@@ -69,23 +69,29 @@ def test_5xx_and_429_are_retried_honouring_retry_after(no_sleep):
 @pytest.mark.parametrize("status", [400, 401, 404, 413, 422])
 def test_other_4xx_are_not_retried(status, no_sleep):
     recorder = Recorder(httpx.Response(status, json={"detail": "nope"}))
-    with RewardClient("http://rm", transport=httpx.MockTransport(recorder), retry=FAST) as client:
-        with pytest.raises(RewardRequestError) as info:
-            client.score(["abc"])
+    with (
+        RewardClient("http://rm", transport=httpx.MockTransport(recorder), retry=FAST) as client,
+        pytest.raises(RewardRequestError) as info,
+    ):
+        client.score(["abc"])
     assert info.value.status_code == status and info.value.detail == "nope"
     assert len(recorder.requests) == 1 and no_sleep == []
 
 
 def test_retries_give_up_after_the_limit(no_sleep):
     recorder = Recorder(httpx.Response(500, json={"detail": "boom"}))
-    with RewardClient("http://rm", transport=httpx.MockTransport(recorder), retry=FAST) as client:
-        with pytest.raises(RewardServiceError) as info:
-            client.score(["abc"])
+    with (
+        RewardClient("http://rm", transport=httpx.MockTransport(recorder), retry=FAST) as client,
+        pytest.raises(RewardServiceError) as info,
+    ):
+        client.score(["abc"])
     assert info.value.status_code == 500 and len(recorder.requests) == 4
     recorder = Recorder(httpx.ConnectError("refused"))
-    with RewardClient("http://rm", transport=httpx.MockTransport(recorder), retry=FAST) as client:
-        with pytest.raises(RewardServiceUnreachable):
-            client.score(["abc"])
+    with (
+        RewardClient("http://rm", transport=httpx.MockTransport(recorder), retry=FAST) as client,
+        pytest.raises(RewardServiceUnreachable),
+    ):
+        client.score(["abc"])
 
 
 def test_a_connection_error_fails_over_to_the_next_replica(no_sleep):
@@ -141,7 +147,7 @@ def test_reward_function_sends_trl_shapes_and_ignores_extra_columns(monkeypatch)
     assert is_async_callable(reward) and get_callable_name(reward) == "my_rm"
 
     plain = asyncio.run(
-        reward(
+        reward.ascore(
             prompts=["p1", "p2"],
             completions=["c", "cc"],
             completion_ids=[[1], [2]],
@@ -157,7 +163,7 @@ def test_reward_function_sends_trl_shapes_and_ignores_extra_columns(monkeypatch)
     }
 
     prompt = [{"role": "user", "content": "hi"}]
-    asyncio.run(reward(prompts=[prompt], completions=[[{"role": "assistant", "content": "yo"}]], ground_truth=["x"]))
+    reward(prompts=[prompt], completions=[[{"role": "assistant", "content": "yo"}]], ground_truth=["x"])  # blocking
     assert sent[-1]["items"] == [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     ]
