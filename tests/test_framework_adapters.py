@@ -8,6 +8,7 @@ import importlib.util
 import inspect
 import math
 import threading
+import types
 from pathlib import Path
 
 import httpx
@@ -138,9 +139,9 @@ def test_verl_async_reward_loop_calls_coalesce_into_one_request(live_server: Ser
     assert scores == pytest.approx(expected * 4, abs=BATCH_NEIGHBOURS)
 
 
-def test_verl_sync_calls_from_threads_share_requests(live_server: ServerProcess, expected: list[float]):
+def test_verl_sync_calls_from_threads_get_their_own_scores(live_server: ServerProcess, expected: list[float]):
     """The reward loop runs a plain ``compute_score`` in an executor (threads): each thread blocks on its own
-    sample, the requests are shared: never more requests than calls, every thread gets its own sample's score."""
+    sample while the calls share requests on one background loop; every thread gets its own sample's score."""
     compute_score = load_like_verl({"reward_service_url": live_server.url}, "compute_score")
     calls = list(zip(PROMPTS * 4, COMPLETIONS * 4, strict=True))
     results: list[float | None] = [None] * len(calls)
@@ -151,13 +152,55 @@ def test_verl_sync_calls_from_threads_share_requests(live_server: ServerProcess,
         results[i] = compute_score(data_source="hh", solution_str=completion, extra_info={"prompt": prompt})
 
     threads = [threading.Thread(target=worker, args=(i, p, c)) for i, (p, c) in enumerate(calls)]
-    before = score_requests(live_server)
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    assert score_requests(live_server) - before <= len(calls)
     assert results == pytest.approx(expected * 4, abs=BATCH_NEIGHBOURS)
+
+
+class HeldClient:
+    """Stands in for AsyncRewardClient: records each request's items and holds it until released."""
+
+    def __init__(self) -> None:
+        self.requests: list[list[str]] = []
+        self.arrived: asyncio.Queue[list[str]] = asyncio.Queue()
+        self.release = asyncio.Event()
+        self.fail: Exception | None = None
+
+    async def score(self, items, normalize=False):
+        self.requests.append([item["text"] for item in items])
+        self.arrived.put_nowait(self.requests[-1])
+        await self.release.wait()
+        if self.fail is not None:
+            raise self.fail
+        return types.SimpleNamespace(scores=[float(len(item["text"])) for item in items])
+
+
+def test_coalescer_sends_a_lone_call_at_once_and_joins_calls_that_wait():
+    async def main():
+        client = HeldClient()
+        coalescer = verl.Coalescer(client, max_in_flight=1)
+        first = asyncio.create_task(coalescer.score([{"text": "a"}]))
+        assert await asyncio.wait_for(client.arrived.get(), 5) == ["a"]  # a lone call is sent without waiting
+        # while it is in flight, more calls queue; one of them is cancelled before it is sent
+        later = [asyncio.create_task(coalescer.score([{"text": t}])) for t in ("bb", "ccc", "dddd")]
+        gone = asyncio.create_task(coalescer.score([{"text": "gone"}]))
+        await asyncio.sleep(0)  # yield once: the tasks just created run up to their wait
+        gone.cancel()
+        assert client.requests == [["a"]]  # no second request while the only slot is taken
+        client.release.set()
+        results = await asyncio.gather(first, *later)
+        assert client.requests == [["a"], ["bb", "ccc", "dddd"]]
+        assert results == [[1.0], [2.0], [3.0], [4.0]]
+        # a failed request fails every call that was in it
+        client.fail = RuntimeError("boom")
+        calls = [coalescer.score([{"text": "x"}]), coalescer.score([{"text": "y"}])]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert [type(o) for o in outcomes] == [RuntimeError, RuntimeError]
+        assert client.requests[-1] == ["x", "y"]
+
+    asyncio.run(main())
 
 
 def test_verl_batch_manager_lists(live_server: ServerProcess, expected: list[float]):
