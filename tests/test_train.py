@@ -154,7 +154,7 @@ def test_reloaded_checkpoint_reproduces_the_trainers_rewards(bert_run):
     checkpoint = load_checkpoint(bert_run.output_dir)
     n = 6
     chosen, rejected, features = trainer_rewards(bert_run.trainer, n)
-    for row, feature in zip(bert_run.train_rows[:n], features):
+    for row, feature in zip(bert_run.train_rows[:n], features, strict=True):
         c, r = checkpoint.formatter.encode_pair(row)  # the recipe read back from the manifest
         assert c.input_ids == feature["chosen_ids"] and r.input_ids == feature["rejected_ids"]
     encoded = [checkpoint.formatter.encode_pair(row) for row in bert_run.train_rows[:n]]
@@ -204,12 +204,21 @@ def test_decoder_rewards_reproduce_with_the_chat_template(llama_run, tiny_llama_
     tokenizer = checkpoint.formatter.tokenizer
     n = 4
     chosen, rejected, features = trainer_rewards(llama_run.trainer, n)
-    for row, feature in zip(llama_run.train_rows[:n], features):
+    for row, feature in zip(llama_run.train_rows[:n], features, strict=True):
         expected = tokenizer.apply_chat_template(row["prompt"] + row["chosen"], tokenize=True, return_dict=True)
         assert feature["chosen_ids"] == list(expected["input_ids"])  # messages went through the chat template
     ids = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
     reloaded = forward_scores(checkpoint, ids)
     assert reloaded == pytest.approx(chosen + rejected, abs=1e-5)
+
+
+def test_decoder_checkpoint_gives_a_pre_templated_text_no_second_bos(llama_run):
+    """The rule is in the manifest training wrote, so the loaded (served) formatter applies it too."""
+    assert llama_run.manifest["formatting"]["skip_duplicate_specials"] is True
+    checkpoint = load_checkpoint(llama_run.output_dir)
+    bos = checkpoint.formatter.tokenizer.bos_token
+    plain = checkpoint.formatter.encode({"text": "user: hello world"}).input_ids
+    assert checkpoint.formatter.encode({"text": bos + "user: hello world"}).input_ids == plain
 
 
 # -- bad input ------------------------------------------------------------------------------------------------------
