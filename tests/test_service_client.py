@@ -174,7 +174,7 @@ def test_reward_function_sends_trl_shapes_and_ignores_extra_columns(monkeypatch)
 
 def test_the_client_imports_without_torch_transformers_or_fastapi():
     code = (
-        "import sys, service.client; "
+        "import sys, service.client, service.verl; "
         "loaded = [m for m in ('torch', 'transformers', 'fastapi', 'starlette', 'pydantic', 'prometheus_client') "
         "if m in sys.modules]; "
         "assert not loaded, loaded"
