@@ -348,7 +348,9 @@ class RewardFunction:
     - older TRL asks ``inspect.iscoroutinefunction(f)`` (or asks nothing): False for an instance, so it calls
       ``f(...)`` synchronously, and a call made outside a running event loop blocks and returns the list.
 
-    In short, ``f(...)`` returns an awaitable when called from a coroutine, the scores otherwise.
+    In short, ``f(...)`` returns an awaitable when called from a coroutine, the scores otherwise. Where an old TRL
+    runs in a thread that has a running event loop (a notebook), pass ``blocking=True``: every call then blocks and
+    returns the scores, and TRL of any version sees a plain function.
     """
 
     def __init__(
@@ -357,10 +359,12 @@ class RewardFunction:
         *,
         normalize: bool = False,
         name: str = "reward_service",
+        blocking: bool = False,
         **client_kwargs: Any,
     ):
         self.base_url = base_url
         self.normalize = normalize
+        self.blocking = blocking
         self.__name__ = name
         self._client_kwargs = client_kwargs
         self._clients: dict[int, tuple[asyncio.AbstractEventLoop, AsyncRewardClient]] = {}
@@ -368,11 +372,12 @@ class RewardFunction:
 
     def _mark_async(self) -> None:
         # Explicit ``f.__call__`` finds this instance attribute; ``f(...)`` uses the class's __call__ below.
-        self.__call__ = self.ascore
+        if not self.blocking:
+            self.__call__ = self.ascore
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> Any:
         coro = self.ascore(prompts, completions, **kwargs)
-        if _in_running_loop():
+        if not self.blocking and _in_running_loop():
             return coro
         return BackgroundLoop.shared().run(coro)
 

@@ -86,6 +86,22 @@ def test_trl_0x_calls_it_synchronously_and_gets_the_list(live_server: ServerProc
     assert scores == pytest.approx(expected, abs=BATCH_NEIGHBOURS)
 
 
+def test_blocking_reward_function_returns_scores_even_inside_an_event_loop(
+    live_server: ServerProcess, expected: list[float]
+):
+    """``blocking=True`` (an old TRL in a notebook, whose thread runs an event loop): a plain function to every
+    TRL, and the call returns the scores, not an awaitable."""
+    from trl.trainer.utils import is_async_callable
+
+    reward = RewardFunction(live_server.url, blocking=True)
+    assert not is_async_callable(reward) and not inspect.iscoroutinefunction(reward)
+
+    async def notebook_cell():
+        return reward(prompts=PROMPTS, completions=COMPLETIONS)
+
+    assert asyncio.run(notebook_cell()) == pytest.approx(expected, abs=BATCH_NEIGHBOURS)
+
+
 # -- verl -------------------------------------------------------------------------------------------------------------
 def load_like_verl(reward_kwargs: dict, name: str):
     """What verl's ``get_custom_reward_fn`` does: import the file at ``custom_reward_function.path`` as a module
