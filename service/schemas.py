@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
@@ -82,7 +82,7 @@ class ScoreResponse(BaseModel):
     normalized: bool = False
 
 
-Side = Union[Text, list[Message]]
+Side = Text | list[Message]
 
 
 class PreferencePair(BaseModel):
@@ -129,7 +129,7 @@ class CompareResponse(BaseModel):
 
 
 class GetRewardRequest(BaseModel):
-    """OpenRLHF's remote reward model protocol (``--remote_rm_url``): ``query`` holds full texts."""
+    """OpenRLHF's remote reward model protocol (``--remote_rm_url``, ``--reward.remote_url``)."""
 
     model_config = ConfigDict(extra="allow")
 

@@ -113,7 +113,8 @@ class ServeSettings(BaseSettings):
     def _queue_holds_a_batch(self) -> ServeSettings:
         if self.max_batch_tokens is not None and self.max_queue_tokens < self.max_batch_tokens:
             raise ValueError(
-                f"max_queue_tokens ({self.max_queue_tokens}) must be at least max_batch_tokens ({self.max_batch_tokens})"
+                f"max_queue_tokens ({self.max_queue_tokens}) must be at least "
+                f"max_batch_tokens ({self.max_batch_tokens})"
             )
         return self
 

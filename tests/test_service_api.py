@@ -60,7 +60,7 @@ def test_score_takes_all_three_shapes(client):
 
 def test_text_and_prompt_plus_response_give_the_same_score(client):
     a, b = score(client, [{"text": PROMPT + GOOD}, {"prompt": PROMPT, "response": GOOD}])["scores"]
-    assert a == b
+    assert a == pytest.approx(b, abs=1e-5)  # same tokens, different batch rows: request-shape tolerance
 
 
 def test_served_scores_equal_the_checkpoint_loaded_directly(client, direct):

@@ -102,7 +102,7 @@ def test_the_client_waits_as_retry_after_says_and_nothing_is_lost(controlled, ti
 def test_the_api_key_is_compared_in_constant_time(tiny_reward_checkpoint, monkeypatch):
     import hmac
 
-    import service.app
+    import service.api.common
 
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
@@ -111,7 +111,7 @@ def test_the_api_key_is_compared_in_constant_time(tiny_reward_checkpoint, monkey
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(service.app.hmac, "compare_digest", spy)
+    monkeypatch.setattr(service.api.common.hmac, "compare_digest", spy)
     with app_client(make_settings(tiny_reward_checkpoint, api_key="k3y-value")) as client:
         assert (
             client.post("/score", json={"items": [ITEM]}, headers={"Authorization": "Bearer k3y-valuX"}).status_code

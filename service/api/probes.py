@@ -1,0 +1,79 @@
+"""Probes and introspection: ``/healthz``, ``/readyz``, ``/info``, ``/metrics``. Never behind the API key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from service.api.common import runtime_of
+from service.lifecycle import Phase
+from service.schemas import InfoResponse
+
+router = APIRouter(tags=["probes"])
+
+
+@router.get("/healthz", responses={503: {"description": "loading the model failed"}})
+async def healthz(request: Request) -> JSONResponse:
+    """The process is alive (never waits on the model)."""
+    phase = runtime_of(request).lifecycle.phase
+    return JSONResponse(
+        {"status": "failed" if phase is Phase.FAILED else "alive", "phase": phase.value},
+        status_code=503 if phase is Phase.FAILED else 200,
+    )
+
+
+@router.get("/readyz", responses={503: {"description": "loading, failed or shutting down"}})
+async def readyz(request: Request) -> JSONResponse:
+    """200 once the model is loaded and warmed up; 503 before, and from the moment shutdown begins."""
+    lifecycle = runtime_of(request).lifecycle
+    body: dict[str, Any] = {"status": "ready" if lifecycle.ready else "not ready", "phase": lifecycle.phase.value}
+    if lifecycle.failure:
+        body["failure"] = lifecycle.failure
+    return JSONResponse(body, status_code=200 if lifecycle.ready else 503)
+
+
+@router.get("/info", response_model=InfoResponse)
+async def info(request: Request) -> InfoResponse:
+    """Model, version, dtype, device, formatting recipe, normalization, batching limits."""
+    runtime = runtime_of(request)
+    s = runtime.settings
+    model = runtime.info
+    limits = runtime.limits
+    threads = runtime.threads
+    return InfoResponse(
+        model=model.name,
+        model_version=model.version,
+        source=model.source,
+        dtype=model.dtype,
+        device=model.device,
+        has_manifest=model.has_manifest,
+        base_model=model.base_model,
+        reward_label=model.reward_label,
+        formatting=model.formatting,
+        normalization=model.normalization,
+        batching={
+            "max_batch_tokens": limits.max_batch_tokens,
+            "max_batch_size": limits.max_batch_size,
+            "max_wait_ms": limits.max_wait_s * 1000,
+            "max_queue_tokens": limits.max_queue_tokens,
+            "inference_workers": threads.workers if threads else None,
+            "torch_threads_per_worker": threads.threads_per_worker if threads else None,
+        },
+        limits={
+            "max_items_per_request": s.max_items_per_request,
+            "max_body_bytes": s.max_body_bytes,
+            "max_text_chars": s.max_text_chars,
+            "request_timeout_s": s.request_timeout_s,
+            "api_key_required": s.api_key is not None,
+        },
+        ready=runtime.lifecycle.ready,
+    )
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    content, media_type = runtime_of(request).metrics.render()
+    return Response(content, media_type=media_type)
