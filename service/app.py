@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
-from service.api import native, openrlhf, probes
+from service.api import native, openrlhf, probes, slime, vllm
 from service.api.common import api_key_dependencies, install_error_handlers
 from service.backend import ScoringBackend
 from service.middleware import BodySizeLimit, RequestMetrics
@@ -23,7 +23,7 @@ from service.settings import ServeSettings
 __all__ = ["ROUTES", "SCORING_ROUTERS", "ServiceRuntime", "create_app"]
 
 # Every scoring protocol; each is behind the API key when the service has one. Probes never are.
-SCORING_ROUTERS: tuple[APIRouter, ...] = (native.router, openrlhf.router)
+SCORING_ROUTERS: tuple[APIRouter, ...] = (native.router, openrlhf.router, slime.router, vllm.router)
 
 # The paths the request metrics label by name (anything else is counted as "other", so label values stay bounded).
 ROUTES = frozenset(route.path for router in (*SCORING_ROUTERS, probes.router) for route in router.routes)

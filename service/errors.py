@@ -50,6 +50,13 @@ class Unauthorized(ServiceError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class ModelNotFound(ServiceError):
+    """A request named a model this service does not serve (OpenAI-style APIs carry a ``model`` field)."""
+
+    status_code = 404
+    kind = "model_not_found"
+
+
 class PayloadTooLarge(ServiceError):
     status_code = 413
     kind = "payload_too_large"

@@ -133,15 +133,20 @@ class GetRewardRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    query: list[Text] = Field(min_length=1, description="prompt + response, already concatenated")
+    query: list[Text] = Field(
+        description="full texts (prompt + response, as decoded by the trainer); may be empty (a shard with no samples)"
+    )
     prompts: list[Any] | None = Field(None, description="accepted and ignored")
     labels: list[Any] | None = Field(None, description="accepted and ignored")
 
 
 class GetRewardResponse(BaseModel):
     rewards: list[float]
-    scores: list[float]
-    extra_logs: dict[str, Any] = Field(default_factory=dict)
+    scores: list[float] = Field(description="the same values as rewards")
+    extra_logs: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="per-sample values for the trainer's logs: truncated (1.0 if cut to max_length)",
+    )
 
 
 class InfoResponse(BaseModel):
@@ -158,3 +163,84 @@ class InfoResponse(BaseModel):
     batching: dict[str, Any]
     limits: dict[str, Any]
     ready: bool
+
+
+class SlimeRewardRequest(BaseModel):
+    """slime's remote reward model request (``--rm-type remote_rm --rm-url``): one sample per POST."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: Text | Annotated[list[Message], Field(min_length=1)] = Field(
+        description="the prompt as a string (scored as prompt + response) or chat messages (the response is "
+        "appended as the assistant's turn)"
+    )
+    response: Text
+    label: Any = Field(None, description="accepted and ignored")
+
+
+class SlimeRewardResponse(BaseModel):
+    reward: float = Field(description="the reward model's score; read by slime with `--reward-key reward`")
+
+
+class ClassifyRequest(BaseModel):
+    """vLLM's pooling classify request (``POST /classify``), for a reward model: ``input`` or ``messages``.
+
+    Other fields vLLM defines (``user``, ``priority``, ``request_id``, ``add_special_tokens``, ...) are accepted and
+    ignored, as vLLM ignores unknown ones; ``truncate_prompt_tokens`` is refused, since the service truncates as the
+    model was trained (its manifest's max_length and side).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = Field(None, description="the served model's name; omitted means the served model")
+    input: Text | Annotated[list[Text], Field(min_length=1)] | None = Field(
+        None, description="one text or a list of texts, each scored as a whole ({'text'})"
+    )
+    messages: Annotated[list[Message], Field(min_length=1)] | None = Field(
+        None, description="one conversation, rendered with the model's chat template"
+    )
+    use_activation: StrictBool | None = Field(
+        None, description="true: sigmoid of the score (a probability); false or omitted: the raw score"
+    )
+    activation: StrictBool | None = Field(None, description="older vLLM spelling of use_activation")
+    truncate_prompt_tokens: Any = Field(None, description="not supported: must be omitted or null")
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> ClassifyRequest:
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("a classify request needs exactly one of 'input' or 'messages'")
+        if self.truncate_prompt_tokens is not None:
+            raise ValueError(
+                "'truncate_prompt_tokens' is not supported: texts are truncated as the model was trained "
+                "(see /info formatting.max_length and truncation_side)"
+            )
+        return self
+
+    @property
+    def activated(self) -> bool:
+        if self.use_activation is not None:
+            return self.use_activation
+        return bool(self.activation)
+
+
+class ClassificationData(BaseModel):
+    index: int
+    label: str | None = Field(description="the name of the served logit (the model's reward label)")
+    probs: list[float] = Field(description="one value: the raw score, or its sigmoid with use_activation")
+    num_classes: int = Field(description="always 1: the service serves one logit")
+
+
+class ClassifyUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+    prompt_tokens_details: None = None
+
+
+class ClassificationResponse(BaseModel):
+    id: str
+    object: str = "list"
+    created: int
+    model: str
+    data: list[ClassificationData]
+    usage: ClassifyUsage

@@ -55,7 +55,7 @@ def test_the_schema_asks_for_a_bearer_key_exactly_when_the_service_has_one(tiny_
     from service.app import create_app
 
     schema = create_app(make_settings(tiny_reward_checkpoint, api_key=api_key)).openapi()
-    for route in ("/score", "/compare", "/get_reward"):
+    for route in ("/score", "/compare", "/get_reward", "/reward", "/classify", "/v1/classify"):
         security = schema["paths"][route]["post"].get("security")
         assert (security is not None) == (api_key is not None), (route, security)
     assert ("securitySchemes" in schema.get("components", {})) == (api_key is not None)

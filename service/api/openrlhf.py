@@ -2,7 +2,9 @@
 
 OpenRLHF posts ``{"query": [...], "prompts": [...], "labels": [...]}`` where each query is the full decoded
 sequence (prompt + response, special tokens kept), and reads ``rewards`` (advantages), ``scores`` (dynamic
-filtering) and ``extra_logs``.
+filtering) and ``extra_logs`` (per-sample values it turns into tensors and logs). Given several URLs it shards a
+batch over them, so a replica can be sent an empty ``query``; that is answered with empty lists, and ``extra_logs``
+keeps its keys so that shards merge key by key.
 """
 
 from __future__ import annotations
@@ -24,5 +26,6 @@ async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardRespo
     return GetRewardResponse(
         rewards=scored.scores,
         scores=scored.scores,
-        extra_logs={},
+        # floats, not booleans: OpenRLHF makes a tensor of each value and averages it for its logs
+        extra_logs={"truncated": [float(t) for t in scored.truncated]},
     )
