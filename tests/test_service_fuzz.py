@@ -29,7 +29,8 @@ from service_fixtures import (  # noqa: F401  (fixtures)
 MAX_BODY_BYTES = 16_384
 MAX_TEXT_CHARS = 300
 MAX_ITEMS = 8
-ROUTES = ("/score", "/compare", "/get_reward")
+ROUTES = ("/score", "/compare", "/get_reward", "/reward", "/classify")
+MODEL = "tiny-bert-reward"  # the tiny checkpoint's name, for /classify's model field
 FUZZ = settings(
     max_examples=150,
     deadline=None,
@@ -118,7 +119,29 @@ def get_reward_bodies(text=texts):
     )
 
 
-VALID = {"/score": score_bodies, "/compare": compare_bodies, "/get_reward": get_reward_bodies}
+def reward_bodies(text=texts):
+    """slime's body: a text or message-list prompt, a response, any label."""
+    return st.fixed_dictionaries(
+        {"prompt": text | messages(text), "response": text}, optional={"label": json_values_of(text)}
+    )
+
+
+def classify_bodies(text=texts):
+    """vLLM's classify body: one text, a list of texts, or one conversation; the model named or not."""
+    options = {"model": st.just(MODEL), "use_activation": st.booleans(), "activation": st.booleans()}
+    return st.one_of(
+        st.fixed_dictionaries({"input": text | st.lists(text, min_size=1, max_size=MAX_ITEMS)}, optional=options),
+        st.fixed_dictionaries({"messages": messages(text)}, optional=options),
+    )
+
+
+VALID = {
+    "/score": score_bodies,
+    "/compare": compare_bodies,
+    "/get_reward": get_reward_bodies,
+    "/reward": reward_bodies,
+    "/classify": classify_bodies,
+}
 
 
 def paths(value: Any, prefix: tuple = ()) -> list[tuple]:
@@ -215,6 +238,9 @@ def check(response, route: str, content: bytes) -> None:
     assert response.status_code < 500, (route, response.status_code, response.text[:500])
     assert response.headers["content-type"].startswith("application/json"), response.headers
     data = json.loads(response.content.decode("utf-8"), parse_constant=_no_constants)  # strict UTF-8, no NaN
+    if response.status_code == 404 and route == "/classify":  # a model field that names another model
+        assert "does not exist" in data["detail"], data
+        return
     if response.status_code >= 400:
         assert response.status_code in (400, 413, 422), (response.status_code, response.text[:500])
         detail = data["detail"]
@@ -234,9 +260,17 @@ def check(response, route: str, content: bytes) -> None:
         "/score": lambda b: len(b["items"]),
         "/compare": lambda b: len(b["pairs"]),
         "/get_reward": lambda b: len(b["query"]),
+        "/reward": lambda b: 1,
+        "/classify": lambda b: len(b["input"]) if isinstance(b.get("input"), list) else 1,
     }[route](body)
-    key = {"/score": "scores", "/compare": "margins", "/get_reward": "rewards"}[route]
-    assert len(data[key]) == count and all(math.isfinite(x) for x in data[key]), data
+    values = {
+        "/score": lambda d: d["scores"],
+        "/compare": lambda d: d["margins"],
+        "/get_reward": lambda d: d["rewards"],
+        "/reward": lambda d: [d["reward"]],
+        "/classify": lambda d: [x["probs"][0] for x in d["data"]],
+    }[route](data)
+    assert len(values) == count and all(math.isfinite(x) for x in values), data
 
 
 def post(client, route: str, content: bytes, content_type: str | None = "application/json"):
@@ -349,6 +383,8 @@ def test_limits_answer_4xx_never_5xx(client, route, n_items, chars):
             {"pairs": [{"prompt": [{"role": "user", "content": "x" * chars}], "chosen": [], "rejected": []}]},
         ),
         "/get_reward": ({"query": ["a"] * n_items}, {"query": ["x" * chars]}),
+        "/reward": ({"prompt": [{"role": "user", "content": "x" * chars}], "response": "a"},),
+        "/classify": ({"input": ["a"] * n_items}, {"input": ["a", "x" * chars]}),
     }[route]
     for body in bodies:
         response = post(client, route, encode(body, True))
@@ -395,6 +431,8 @@ def test_wrong_credentials_get_401_never_5xx(keyed_client, route, value):
         "/score": {"items": [{"text": "a"}]},
         "/compare": {"pairs": [{"chosen": "a", "rejected": "b"}]},
         "/get_reward": {"query": ["a"]},
+        "/reward": {"prompt": "a", "response": "b"},
+        "/classify": {"input": "a"},
     }[route]
     response = keyed_client.post(
         route,
