@@ -208,17 +208,24 @@ def test_classify_refuses_another_model_and_what_it_cannot_honour(server):
 
 
 # -- the API key -------------------------------------------------------------------------------------------------------
-def test_the_api_key_guards_every_protocol(keyed):
-    """vLLM's and SGLang's clients send ``Authorization: Bearer <key>`` (their ``--api-key``); OpenRLHF's and slime's
-    remote reward clients send no header of their own, so a service they call runs without a key, on a private
-    network (docs/frameworks.md)."""
-    auth = {"Authorization": f"Bearer {KEY}"}
+def test_the_api_key_guards_every_protocol_bearer_or_in_the_url(keyed):
+    """vLLM's and SGLang's clients send ``Authorization: Bearer <key>`` (their ``--api-key``). OpenRLHF's and slime's
+    reward clients take only a URL (aiohttp ``session.post(url, json=...)``; older OpenRLHF ``requests.post``), and
+    an HTTP client sends the credentials in a URL (``http://rm:KEY@host/...``) as HTTP Basic, here by httpx as by
+    aiohttp and requests: the key is accepted as that password."""
     bodies = {
         "/classify": {"input": "hello"},
         "/v1/classify": {"input": "hello"},
         "/get_reward": {"query": ["hello"], "prompts": [""], "labels": [""]},
         "/reward": {"prompt": "hi", "response": "hello", "label": None},
     }
+    with_key = keyed.url.replace("http://", f"http://rm:{KEY}@")
+    with_wrong_key = keyed.url.replace("http://", f"http://rm:{KEY}x@")
     for path, body in bodies.items():
         assert httpx.post(keyed.url + path, json=body).status_code == 401, path
-        assert httpx.post(keyed.url + path, json=body, headers=auth).status_code == 200, path
+        assert httpx.post(with_wrong_key + path, json=body).status_code == 401, path
+        assert httpx.post(keyed.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.post(with_key + path, json=body).status_code == 200, path
+    malformed = {"Authorization": "Basic not-base64!"}
+    response = httpx.post(keyed.url + "/reward", json=bodies["/reward"], headers=malformed)
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"

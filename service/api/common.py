@@ -3,12 +3,13 @@
 import hmac
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from pydantic import SecretStr
+from starlette.requests import HTTPConnection
 
 from service.errors import ServiceError, Unauthorized, json_safe
 from service.metrics import ServiceMetrics
@@ -44,21 +45,46 @@ SCORING_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def api_key_dependencies(api_key: SecretStr | None) -> list[Any]:
-    """The dependencies for the scoring routers: a bearer-key check when the service has a key, else none at all.
+class _KeyInUrl(HTTPBasic):
+    """HTTP Basic credentials whose password is the API key (the user name is ignored).
 
-    Without a key there is no dependency, not a no-op one: FastAPI resolves dependencies on every request, and on a
-    small CPU the event loop's time is taken from the forward passes.
+    That is what an HTTP client sends for a URL with credentials in it (``http://rm:KEY@host:8000/get_reward``):
+    requests, aiohttp and httpx all do. OpenRLHF's and slime's reward clients take only a URL, so this is how
+    they can carry the key. Malformed Basic credentials count as none (the request then gets the usual 401).
+    """
+
+    async def __call__(self, request: HTTPConnection) -> HTTPBasicCredentials | None:  # type: ignore[override]
+        try:
+            return await super().__call__(request)
+        except HTTPException:
+            return None
+
+
+def api_key_dependencies(api_key: SecretStr | None) -> list[Any]:
+    """The dependencies for the scoring routers: an API key check when the service has a key, else none at all.
+
+    The key is accepted as ``Authorization: Bearer <key>`` or as the password of HTTP Basic credentials (a key in
+    the URL). Without a key there is no dependency, not a no-op one: FastAPI resolves dependencies on every
+    request, and on a small CPU the event loop's time is taken from the forward passes.
     """
     if api_key is None:
         return []
     bearer = HTTPBearer(auto_error=False, description="the service's API key")
+    basic = _KeyInUrl(auto_error=False, description="the service's API key as the password (a key in the URL)")
     expected = api_key.get_secret_value().encode()
 
-    # evaluated here, not postponed: the annotation names this closure's bearer scheme
-    async def require_api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        given = credentials.credentials.encode() if credentials is not None else b""
-        if not hmac.compare_digest(given, expected):
+    # evaluated here, not postponed: the annotations name this closure's schemes
+    async def require_api_key(
+        token: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        in_url: Annotated[HTTPBasicCredentials | None, Depends(basic)],
+    ) -> None:
+        if token is not None:
+            given = token.credentials
+        elif in_url is not None:
+            given = in_url.password
+        else:
+            given = ""
+        if not hmac.compare_digest(given.encode(), expected):
             raise Unauthorized()
 
     return [Depends(require_api_key)]
