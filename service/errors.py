@@ -46,7 +46,11 @@ class Unauthorized(ServiceError):
     status_code = 401
     kind = "unauthorized"
 
-    def __init__(self, message: str = "a valid 'Authorization: Bearer <api key>' header is required"):
+    def __init__(
+        self,
+        message: str = "a valid API key is required: an 'Authorization: Bearer <api key>' header, "
+        "or the key as the password in the URL (http://user:<api key>@host/...)",
+    ):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 

@@ -65,7 +65,9 @@ class ServeSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind (a container sets 0.0.0.0 explicitly)")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0 picks a free one)")
     api_key: SecretStr | None = Field(
-        None, description="when set, scoring routes require 'Authorization: Bearer KEY'; probes and metrics stay open"
+        None,
+        description="when set, scoring routes require 'Authorization: Bearer KEY' (or KEY as the password of a URL's "
+        "credentials, http://user:KEY@host/...); probes and metrics stay open",
     )
     log_level: LogLevel = Field("info", description="log level")
     opentelemetry: bool = Field(
