@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 DEMO_CHECKPOINT ?= checkpoints/demo
 
-.PHONY: install install-demo test demo serve bench clean
+.PHONY: install install-demo lint test demo serve bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ $(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed-all
 
-test: $(VENV)/.installed-all
+# ruff (configured in pyproject.toml): lint findings and unformatted files both fail.
+lint: $(VENV)/.installed-all
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 $(DEMO_CHECKPOINT)/reward_manifest.json: $(VENV)/.installed-demo

@@ -1,49 +1,54 @@
 """Where the CPU went during a measurement: this process, the server process (and its event-loop thread), and
-everyone else on the machine (other developers, training runs), from ``/proc``.
+everyone else on the machine (other developers, training runs), from psutil.
 
 On a shared 2-core machine this is what tells a real gap from a contaminated measurement: a scenario during which
-others used a core is not comparable to one during which they did not. Without ``/proc`` (macOS) the probe reports
-wall time and this process's CPU only.
+others used a core is not comparable to one during which they did not.
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+import psutil
 
 
-def _machine_ticks() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs together."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is counted in user)
+def _machine_times() -> tuple[float, float]:
+    """(busy, total) CPU seconds of all CPUs together since boot."""
+    times = psutil.cpu_times()
+    total = sum(times)
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    # guest time is already counted in user time on Linux
+    total -= getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)
     return total - idle, total
 
 
-def _task_ticks(pid: int, tid: int | None = None) -> int | None:
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+def _process_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process (all its threads); None once it is gone."""
     try:
-        raw = Path(path).read_text()
-    except OSError:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15 of stat)
+    return times.user + times.system
+
+
+def _main_thread_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process's main thread (its thread id is the pid)."""
+    try:
+        threads = psutil.Process(pid).threads()
+    except psutil.Error:
+        return None
+    return next((t.user_time + t.system_time for t in threads if t.id == pid), None)
 
 
 def cpu_count() -> int:
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+        return len(psutil.Process().cpu_affinity())
+    except (AttributeError, psutil.Error):  # no affinity on macOS
+        return psutil.cpu_count() or 1
 
 
 class CpuProbe:
@@ -53,9 +58,9 @@ class CpuProbe:
         self.server_pids = list(server_pids)
         self._wall = time.perf_counter()
         self._own = time.process_time()
-        self._machine = _machine_ticks()
-        self._servers = [_task_ticks(p) for p in self.server_pids]
-        self._mains = [_task_ticks(p, p) for p in self.server_pids]
+        self._machine = _machine_times()
+        self._servers = [_process_seconds(p) for p in self.server_pids]
+        self._mains = [_main_thread_seconds(p) for p in self.server_pids]
 
     def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self._wall
@@ -63,17 +68,17 @@ class CpuProbe:
         out: dict[str, Any] = {"wall_s": round(wall, 3), "bench_process_cores": round(own, 3)}
         server_cores = 0.0
         if self.server_pids:
-            servers = [_task_ticks(p) for p in self.server_pids]
-            mains = [_task_ticks(p, p) for p in self.server_pids]
+            servers = [_process_seconds(p) for p in self.server_pids]
+            mains = [_main_thread_seconds(p) for p in self.server_pids]
             if all(v is not None for v in servers + self._servers):
-                server_cores = sum(b - a for a, b in zip(self._servers, servers)) / _TICK / wall  # type: ignore[operator]
+                server_cores = sum(b - a for a, b in zip(self._servers, servers, strict=True)) / wall  # type: ignore[operator]
                 out["server_cores"] = round(server_cores, 3)
             if all(v is not None for v in mains + self._mains):
-                main = sum(b - a for a, b in zip(self._mains, mains)) / _TICK / wall  # type: ignore[operator]
+                main = sum(b - a for a, b in zip(self._mains, mains, strict=True)) / wall  # type: ignore[operator]
                 out["server_main_thread_cores"] = round(main, 3)  # the event loop (uvicorn runs it on the main thread)
-        machine = _machine_ticks()
-        if machine is not None and self._machine is not None and machine[1] > self._machine[1]:
-            busy = (machine[0] - self._machine[0]) / (machine[1] - self._machine[1]) * cpu_count()
+        machine = _machine_times()
+        if machine[1] > self._machine[1]:
+            busy = (machine[0] - self._machine[0]) / (machine[1] - self._machine[1]) * psutil.cpu_count()
             out["machine_busy_cores"] = round(busy, 3)
             out["others_cores"] = round(max(0.0, busy - own - server_cores), 3)
         return out
@@ -84,7 +89,7 @@ def sample_machine(seconds: float = 1.0) -> dict[str, Any]:
     probe = CpuProbe()
     time.sleep(seconds)
     out = probe.stop()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    load = psutil.getloadavg()
     return {"busy_cores": out.get("machine_busy_cores"), "loadavg_1_5_15": [round(x, 2) for x in load]}
 
 
@@ -101,8 +106,6 @@ def wait_quiet(
         time.sleep(1.0)
         busy = probe.stop().get("others_cores")
         now = time.perf_counter()
-        if busy is None:  # no /proc: nothing to wait for
-            return {"waited_s": 0.0, "quiet": None}
         if busy < threshold_cores:
             quiet_since = quiet_since if quiet_since is not None else now - 1.0
             if now - quiet_since >= quiet_s:
@@ -123,19 +126,19 @@ def describe_machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpus": cpu_count(),
     }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
-        info["cpu_flags"] = [
-            f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni") if f" {f}" in flags
-        ]
-        mem = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
-        info["memory_gib"] = round(int(mem.split()[1]) / 1024 / 1024, 1)
-    except (OSError, StopIteration):
-        pass
+    info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    try:  # the CPU's name and ISA extensions: Linux only
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        cpuinfo = []
+    for line in cpuinfo:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            info.setdefault("cpu_model", value.strip())
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni")
+            info.setdefault("cpu_flags", [f for f in wanted if f in flags])
     try:
         from importlib.metadata import version
 

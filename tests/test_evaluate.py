@@ -72,7 +72,7 @@ def test_evaluate_pairs_on_known_outcomes(bert_checkpoint, known_pairs):
     assert result["accuracy"] == 0.75
     assert result["mean_margin"] == pytest.approx(expected_margin, abs=1e-5)
     assert result["truncated"] == 0
-    for row, c, r in zip(rows, result["chosen_scores"], result["rejected_scores"]):
+    for row, c, r in zip(rows, result["chosen_scores"], result["rejected_scores"], strict=True):
         assert c == pytest.approx(
             direct_score(bert_checkpoint, {"prompt": row["prompt"], "response": row["chosen"]}), abs=1e-5
         )

@@ -71,7 +71,7 @@ def test_results_come_back_in_order_and_requests_share_a_forward():
         requests = [[seq(1, 3), seq(2, 5)], [seq(3, 4)], [seq(4, 2), seq(5, 6), seq(6, 3)]]
         futures = [batcher.submit(r) for r in requests]
         results = await asyncio.gather(*futures)
-        for request, scores in zip(requests, results):
+        for request, scores in zip(requests, results, strict=True):
             assert scores == [expected(ids) for ids in request]
 
     run(main())

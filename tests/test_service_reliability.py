@@ -5,6 +5,7 @@ time, safetensors only and never remote code, and request bodies kept out of the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -176,10 +177,8 @@ def test_remote_code_in_a_checkpoint_is_never_run(tiny_reward_checkpoint, tmp_pa
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "evil_tokenizer.EvilTokenizer"]}
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    try:
-        CheckpointBackend.load(folder, device="cpu")  # served as the built-in architecture, or refused
-    except CheckpointError:
-        pass
+    with contextlib.suppress(CheckpointError):  # served as the built-in architecture, or refused
+        CheckpointBackend.load(folder, device="cpu")
     assert not marker.exists(), "code shipped in the checkpoint folder was executed"
 
 

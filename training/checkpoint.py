@@ -224,7 +224,7 @@ def score_all(
         while end < len(order) and len(sequences[order[end]]) * (end - start + 1) <= max_batch_tokens:
             end += 1
         chunk = order[start:end]
-        for i, s in zip(chunk, forward_scores(checkpoint, [sequences[i] for i in chunk])):
+        for i, s in zip(chunk, forward_scores(checkpoint, [sequences[i] for i in chunk]), strict=True):
             scores[i] = s
         if progress is not None:
             progress(len(chunk))

@@ -45,11 +45,11 @@ def pair_metrics(chosen: Sequence[float], rejected: Sequence[float]) -> dict[str
     n = len(chosen)
     if n == 0:
         raise EvaluationError("no pairs to evaluate")
-    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected))
+    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected, strict=True))
     return {
         "n": n,
         "accuracy": wins / n,
-        "mean_margin": math.fsum(c - r for c, r in zip(chosen, rejected)) / n,
+        "mean_margin": math.fsum(c - r for c, r in zip(chosen, rejected, strict=True)) / n,
     }
 
 
@@ -193,7 +193,7 @@ def plot_rewards(chosen: Sequence[float], rejected: Sequence[float], path: str |
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    margins = [c - r for c, r in zip(chosen, rejected)]
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     bins = max(10, min(60, int(math.sqrt(len(chosen))) * 2))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     try:

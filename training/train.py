@@ -9,6 +9,7 @@ reward normalization statistics and the evaluation results.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -298,10 +299,8 @@ def _versions() -> dict[str, str]:
 
     out = {"python": sys.version.split()[0]}
     for package in ("reward-service", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "tokenizers"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[package] = version(package)
-        except PackageNotFoundError:
-            pass
     return out
 
 
