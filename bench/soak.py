@@ -8,7 +8,7 @@ uses a running server (``--url``; with ``--pid`` its memory is sampled too). ``-
 ``/score`` requests at a bounded total rate (``--rate`` per second): a mix of 1-text and ``--big-items``-text
 requests (``--big-fraction`` of them), texts of varied length from a fixed seed. Every answer is checked (a 200
 must hold one finite score per text). The server's resident memory is sampled every ``--rss-every-s`` seconds
-(psutil, else ``/proc/<pid>/status``) and ``/healthz`` is timed once a second. Per window (``--window-s``, one
+(psutil) and ``/healthz`` is timed once a second. Per window (``--window-s``, one
 minute by default) it reports requests, throughput, latency percentiles, ``/healthz`` p99, memory and statuses; then
 the drift from the first to the last full window, the peak memory, and the errors by status, as a table and as JSON.
 
@@ -28,12 +28,8 @@ import json
 import math
 import os
 import random
-import re
 import shlex
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,9 +37,76 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[1]
-WORDS = ["the", "a", "is", "are", "was", "to", "of", "and", "or", "not", "in", "on", "at", "for", "with", "this", "that", "it", "you", "we", "they", "good", "bad", "great", "terrible", "helpful", "answer", "question", "please", "thanks", "sorry", "sure", "here", "there", "what", "why", "how", "two", "four", "five", "plus", "equals", "math", "cat", "dog", "sky", "blue", "red", "green", "hello", "world", "user", "assistant", "short", "long", "text", "model", "reward", "policy", "sample", "response", "prompt"]
+from bench.servers import Server
+
+WORDS = [
+    "the",
+    "a",
+    "is",
+    "are",
+    "was",
+    "to",
+    "of",
+    "and",
+    "or",
+    "not",
+    "in",
+    "on",
+    "at",
+    "for",
+    "with",
+    "this",
+    "that",
+    "it",
+    "you",
+    "we",
+    "they",
+    "good",
+    "bad",
+    "great",
+    "terrible",
+    "helpful",
+    "answer",
+    "question",
+    "please",
+    "thanks",
+    "sorry",
+    "sure",
+    "here",
+    "there",
+    "what",
+    "why",
+    "how",
+    "two",
+    "four",
+    "five",
+    "plus",
+    "equals",
+    "math",
+    "cat",
+    "dog",
+    "sky",
+    "blue",
+    "red",
+    "green",
+    "hello",
+    "world",
+    "user",
+    "assistant",
+    "short",
+    "long",
+    "text",
+    "model",
+    "reward",
+    "policy",
+    "sample",
+    "response",
+    "prompt",
+]
 
 
 # -- measurements ----------------------------------------------------------------------------------------------------
@@ -67,117 +130,32 @@ def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..100); None for no values."""
     if not values:
         return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
+    return float(np.percentile(values, q, method="inverted_cdf"))
 
 
 def read_rss_mib(pid: int) -> float | None:
-    """Resident memory of a process in MiB: psutil when installed, else /proc/<pid>/status (VmRSS)."""
+    """Resident memory of a process in MiB; None once it is gone."""
     try:
-        import psutil
-
         return psutil.Process(pid).memory_info().rss / 2**20
-    except ImportError:
-        pass
-    except Exception:  # the process is gone
+    except psutil.Error:
         return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def score_requests_by_code(metrics_text: str) -> Counter:
     """reward_requests_total{route="/score", code=...} from a Prometheus exposition."""
     counts: Counter = Counter()
-    for line in metrics_text.splitlines():
-        if not line.startswith("reward_requests_total{"):
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-        if labels.get("route") == "/score":
-            counts[labels["code"]] += int(float(line.rsplit(" ", 1)[1]))
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "reward_requests_total" and sample.labels.get("route") == "/score":
+                counts[sample.labels["code"]] += int(sample.value)
     return counts
 
 
-# -- the server --------------------------------------------------------------------------------------------------------
-class ManagedServer:
-    """``python -m service.cli`` on 127.0.0.1 with a free port; its log goes to a file."""
-
-    def __init__(self, model: str, extra_args: list[str], log_path: Path, torch_threads: int):
-        self.command = [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "--model",
-            model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--torch-threads",
-            str(torch_threads),
-            *extra_args,
-        ]
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.url: str | None = None
-        self._port_seen = threading.Event()
-
-    def start(self, timeout_s: float = 300) -> ManagedServer:
-        env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
-        }
-        self.proc = subprocess.Popen(
-            self.command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        threading.Thread(target=self._copy_log, daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"reward-serve exited with {self.proc.returncode}; log: {self.log_path}")
-            if self._port_seen.wait(0.1):
-                try:
-                    if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
-        self.stop()
-        raise RuntimeError(f"reward-serve not ready within {timeout_s:.0f} s; log: {self.log_path}")
-
-    def _copy_log(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        with self.log_path.open("w") as log:
-            for line in self.proc.stdout:
-                log.write(line)
-                log.flush()
-                match = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
-                if match and self.url is None:
-                    self.url = f"http://127.0.0.1:{match.group(1)}"
-                    self._port_seen.set()
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def stop(self, timeout_s: float = 60) -> int | None:
-        """SIGTERM (graceful drain), then the exit status; killed if it does not exit in time."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            return None
+def service_server(model: str, extra_args: list[str], log_path: Path, torch_threads: int) -> Server:
+    """``python -m service.cli`` on 127.0.0.1 with a free port; its log goes to ``log_path``."""
+    argv = [sys.executable, "-m", "service.cli", "--model", model, "--host", "127.0.0.1", "--port", "0"]
+    argv += ["--torch-threads", str(torch_threads), *extra_args]
+    return Server("reward-serve", argv, log_path, env={"TOKENIZERS_PARALLELISM": "false"})
 
 
 # -- the load ------------------------------------------------------------------------------------------------------------
@@ -388,7 +366,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    server: ManagedServer | None = None
+    server: Server | None = None
     before: Counter = Counter()
     if args.model:
         log_path = args.server_log or (
@@ -397,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             else Path(os.environ.get("TMPDIR", "/tmp")) / f"soak-server-{os.getpid()}.log"
         )
         extra = shlex.split(args.server_args) + (["--api-key", args.api_key] if args.api_key else [])
-        server = ManagedServer(args.model, extra, log_path, args.torch_threads).start()
+        server = service_server(args.model, extra, log_path, args.torch_threads).start(timeout=300)
         url, pid = server.url, server.pid
         print(f"reward-serve pid {pid} at {url}; log {log_path}", flush=True)
     else:
@@ -430,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             "url": url,
             "pid": pid,
             "managed": server is not None,
-            "command": server.command if server else None,
+            "command": server.argv if server else None,
             "exit_code": exit_code,
             "log": str(server.log_path) if server else None,
         },

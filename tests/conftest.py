@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny random models (built in-process, no network), a small preference file, and a checkpoint
-trained for two steps with ``reward-train`` that the service tests reuse."""
+"""Shared fixtures: tiny random models (bench.tiny, built in-process, no network), a small preference file, a
+checkpoint trained for two steps with ``reward-train``, and (from service_fixtures.py) the service tests' checkpoints,
+servers and backends. Every fixture here is available to every test module without an import."""
 
 from __future__ import annotations
 
@@ -26,12 +27,21 @@ for _key, _value in {
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
-if str(TESTS_DIR) not in sys.path:  # `import tiny_models` from any test module
+if str(TESTS_DIR) not in sys.path:  # `import service_fixtures` from any test module
     sys.path.insert(0, str(TESTS_DIR))
-if str(REPO_ROOT) not in sys.path:
+if str(REPO_ROOT) not in sys.path:  # `import bench`, `import service`, ... wherever pytest is started from
     sys.path.insert(0, str(REPO_ROOT))
 
-import tiny_models  # noqa: E402
+from service_fixtures import (  # noqa: E402, F401  (imported to register these fixtures for every module)
+    backend,
+    controlled,
+    live_server,
+    plain_classifier_dir,
+    service_checkpoint,
+    tiny_reward_checkpoint,
+)
+
+from bench import tiny  # noqa: E402  (after the path set-up above)
 
 TINY_PAIRS = 24
 
@@ -95,13 +105,13 @@ def reward_train_argv(model_dir: Path, dataset: Path, output_dir: Path, *extra: 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A random 2-layer BERT reward model (WordPiece tokenizer, [PAD]=0) saved as a plain HF folder."""
-    return tiny_models.make_tiny_bert(tmp_path_factory.mktemp("tiny-bert") / "model")
+    return tiny.make_tiny_bert(tmp_path_factory.mktemp("tiny-bert") / "model")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A random 2-layer Llama reward model (byte-level BPE, no pad token, a chat template) saved as a HF folder."""
-    return tiny_models.make_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+    return tiny.make_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -667,7 +667,24 @@ def build_tiny_checkpoint(path: str | Path) -> Path:
 
     path = Path(path)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    words = ["the", "a", "an", "is", "was", "not", "very", "good", "bad", "helpful", "harmful", "answer", "question", "reply", "hello", "world"]
+    words = [
+        "the",
+        "a",
+        "an",
+        "is",
+        "was",
+        "not",
+        "very",
+        "good",
+        "bad",
+        "helpful",
+        "harmful",
+        "answer",
+        "question",
+        "reply",
+        "hello",
+        "world",
+    ]
     vocab = {token: i for i, token in enumerate(specials + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()

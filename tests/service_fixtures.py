@@ -1,61 +1,32 @@
-"""Fixtures and helpers for the service tests: tiny checkpoints built in-process, and a real server subprocess.
+"""Fixtures and helpers for the service tests: tiny checkpoints (bench.tiny, built in-process), a real server
+subprocess (bench.servers.Server), in-process apps and a controllable backend.
 
-Test modules import the fixture functions they use (``from service_fixtures import ...``); nothing here downloads.
+conftest.py registers the fixtures defined here for every test module: a test names them as parameters and imports
+only the helpers it calls.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
-import signal
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.servers import Server
+from bench.tiny import make_tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]
 
-WORDS = ["the", "a", "an", "is", "are", "was", "were", "be", "to", "of", "and", "or", "not", "no", "yes", "in", "on", "at", "for", "with", "this", "that", "it", "you", "i", "we", "they", "he", "she", "good", "bad", "great", "terrible", "helpful", "harmful", "answer", "question", "please", "thanks", "sorry", "sure", "here", "there", "what", "why", "how", "two", "four", "five", "plus", "equals", "math", "cat", "dog", "sky", "blue", "red", "green", "hello", "world", "user", "assistant", "system", "short", "long", "text"]
-LETTERS = list("abcdefghijklmnopqrstuvwxyz0123456789+=?!.,:;'-")
 NORMALIZATION = {"mean": 0.25, "std": 2.0}
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-
-
-def build_tiny_tokenizer(chat_template: str | None = None):
-    """A WordPiece tokenizer (BERT-style, lower-cased) over a small word list plus single characters."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordPiece
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab_list = specials + WORDS + LETTERS + [f"##{c}" for c in LETTERS]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
-    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=128,
-    )
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
-    return tokenizer
 
 
 def build_tiny_bert(
@@ -69,47 +40,26 @@ def build_tiny_bert(
     hidden_size: int = 32,
     layers: int = 2,
 ) -> Path:
-    """A random 2-layer BERT sequence classifier saved as safetensors, with (optionally) a reward manifest."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from training.checkpoint import write_manifest
-    from training.formatting import recipe_for
-
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer(chat_template)
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden_size,
-        max_position_embeddings=256,
+    """The service tests' tiny BERT: a chat template and a hand-written manifest (known normalization) by default;
+    a wider random init (0.3) spreads the scores, so comparisons between texts are meaningful."""
+    return make_tiny_bert(
+        path,
+        seed=seed,
         num_labels=num_labels,
-        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=hidden_size,
+        layers=layers,
+        init_range=0.3,
+        chat_template=chat_template,
+        max_length=max_length,
+        manifest={
+            "name": "tiny-bert-reward",
+            "base_model": "tiny-random-bert",
+            "normalization": dict(NORMALIZATION),
+            "training": {"data_fingerprint": f"test-{seed}"},
+        }
+        if manifest
+        else None,
     )
-    if num_labels == 3:
-        config.id2label = {0: "hate", 1: "nothate", 2: "neutral"}
-        config.label2id = {v: k for k, v in config.id2label.items()}
-    config.initializer_range = 0.3  # a wider random init spreads the scores, so comparisons are meaningful
-    model = BertForSequenceClassification(config).eval()
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    if manifest:
-        recipe = recipe_for(tokenizer, max_length=max_length, truncation_side="left")
-        write_manifest(
-            path,
-            {
-                "name": "tiny-bert-reward",
-                "base_model": "tiny-random-bert",
-                "formatting": recipe.to_dict(),
-                "normalization": dict(NORMALIZATION),
-                "eval": {},
-                "training": {"data_fingerprint": f"test-{seed}"},
-            },
-        )
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -137,85 +87,30 @@ def plain_classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # -- a real server -------------------------------------------------------------------------------------------------
-class ServerProcess:
-    """``python -m service.cli`` on 127.0.0.1 with a free port; its log is kept for assertions."""
+class ServerProcess(Server):
+    """``python -m service.cli`` on 127.0.0.1, port 0 (read from its log), one torch thread; ``args`` are its
+    further options. :meth:`start` returns once ``/readyz`` answers 200; :attr:`log` holds what it printed."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None):
-        self.args = args
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-        self.proc: subprocess.Popen | None = None
-        self.log_lines: list[str] = []
-        self.url: str | None = None
+    def __init__(self, args: list[str], env: Mapping[str, str] | None = None, log_path: Path | None = None):
+        argv = [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", "0", *args]
+        super().__init__("reward-serve", argv, log_path, env={"OMP_NUM_THREADS": "1", **(env or {})}, root=REPO)
 
     def start(self, ready_timeout: float = 60.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", "0", *self.args]
-        self.proc = subprocess.Popen(
-            cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._reader.join(5)
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log}")
-            if self.url is not None:
-                try:
-                    if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.05)  # polling interval, not synchronisation: the deadline bounds the wait
-        self.stop()
-        raise RuntimeError(f"server not ready within {ready_timeout} s:\n{self.log}")
-
-    def _read_log(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.log_lines.append(line.rstrip("\n"))
-            match = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
-            if match and self.url is None:
-                self.url = f"http://127.0.0.1:{match.group(1)}"
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.log_lines)
-
-    def terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
+        super().start(ready_timeout)
+        return self
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        if self.proc is None:
-            return None
-        self.terminate()
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
+        return super().stop(timeout)
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
-    """The value of one sample in a Prometheus text exposition (0 if absent)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        head, _, value = line.rpartition(" ")
-        sample, _, label_text = head.partition("{")
-        if sample != name:
-            continue
-        if labels:
-            found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
-            if any(found.get(k) != v for k, v in labels.items()):
-                continue
-        total += float(value)
-    return total
+    """The sum of the samples called ``name`` (with these labels) in a Prometheus text exposition; 0 if absent."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items())
+    )
 
 
 def json_post(url: str, body: Any, **kwargs: Any) -> httpx.Response:

@@ -19,12 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from service_fixtures import (  # noqa: F401  (fixtures)
-    app_client,
-    build_tiny_bert,
-    make_settings,
-    tiny_reward_checkpoint,
-)
+from service_fixtures import app_client, build_tiny_bert, make_settings
 
 MAX_BODY_BYTES = 16_384
 MAX_TEXT_CHARS = 300

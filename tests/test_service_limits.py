@@ -7,16 +7,7 @@ import time
 
 import httpx
 import pytest
-from service_fixtures import (  # noqa: F401  (fixtures)
-    ControlledBackend,
-    ThreadedServer,
-    app_client,
-    backend,
-    controlled,
-    make_settings,
-    metric_value,
-    tiny_reward_checkpoint,
-)
+from service_fixtures import ControlledBackend, ThreadedServer, app_client, make_settings, metric_value
 
 ITEM = {"text": "hello world"}  # [CLS] hello world [SEP]: 4 tokens
 

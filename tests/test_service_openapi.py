@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from service_fixtures import make_settings, tiny_reward_checkpoint  # noqa: F401  (fixture)
+from service_fixtures import make_settings
 
 KEY = "openapi-k3y"
 EXAMPLES = 100

@@ -16,17 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import (  # noqa: F401  (fixtures)
-    REPO,
-    ControlledBackend,
-    ThreadedServer,
-    app_client,
-    backend,
-    controlled,
-    make_settings,
-    metric_value,
-    tiny_reward_checkpoint,
-)
+from service_fixtures import REPO, ThreadedServer, app_client, make_settings, metric_value
 
 ITEM = {"text": "hello world"}  # [CLS] hello world [SEP]: 4 tokens
 SECRET = "qwxzyplughsecret"  # must never reach a log line

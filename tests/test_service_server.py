@@ -7,13 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import (  # noqa: F401  (fixtures)
-    ServerProcess,
-    live_server,
-    metric_value,
-    service_checkpoint,
-    tiny_reward_checkpoint,
-)
+from service_fixtures import ServerProcess, metric_value
 
 PROMPT = "what is two plus two? "
 ANSWERS = ["four", "five i think", "it is four, thanks for asking", "a dog"]
@@ -129,15 +123,15 @@ def test_the_clients_score_and_compare_against_the_live_server(live_server: Serv
 
 
 def test_a_grpo_run_gets_its_rewards_from_the_live_server(live_server: ServerProcess, tmp_path: Path):
-    import tiny_models
     import torch
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
+    from bench import tiny
     from service.client import RewardFunction
 
-    tokenizer = tiny_models.make_llama_tokenizer()
+    tokenizer = tiny.make_llama_tokenizer()
     torch.manual_seed(0)
     policy = LlamaForCausalLM(
         LlamaConfig(

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from conftest import run_module
-from service_fixtures import ControlledBackend, ThreadedServer, make_settings, tiny_reward_checkpoint  # noqa: F401
+from service_fixtures import ControlledBackend, ThreadedServer, make_settings
 
 
 def test_a_short_soak_reports_windows_memory_and_no_errors(tiny_reward_checkpoint: Path, tmp_path: Path):
