@@ -1,19 +1,21 @@
 """The container and Kubernetes deployment (Dockerfile, .dockerignore, k8s/), checked without a container engine.
 
-- The Dockerfile: hadolint at warning level; the stage layout (serve is the default target, train has
-  ``reward-train``); the serving image's contract (non-root, port, REWARD_* defaults, health check) agrees with k8s/;
-  its dependency pins agree with pyproject.toml and leave TRL out of the serving image.
+- The Dockerfile (read with dockerfile-parse; stages, ARG and ENV resolved as BuildKit does): hadolint at warning
+  level; the stage layout (serve is the default target, train has ``reward-train``); the serving image's contract
+  (non-root, port, REWARD_* defaults, health check) agrees with k8s/; its dependency pins agree with pyproject.toml
+  and leave TRL out of the serving image.
 - The image's runtime contract: the serve stage's ENTRYPOINT + CMD, run with its ENV in this project's environment
   against a tiny checkpoint, answers /readyz 200, passes its own HEALTHCHECK and exits cleanly on SIGTERM; run again
   with the environment a Kubernetes pod gets (ConfigMap, Secret, Deployment env), its probes and metrics answer
   without the API key while scoring requires it.
-- k8s/: every variant renders (``kubectl kustomize`` where installed, tests/deploy_helpers.py otherwise, and the two
-  agree), every object validates against the Kubernetes schemas (kubernetes-validate, offline, strict), and the
-  invariants below hold. Each invariant is also broken on purpose once, to show that the checks notice.
+- k8s/: every variant renders with ``kubectl kustomize``, every object validates against the Kubernetes schemas
+  (kubernetes-validate, offline, strict), and the invariants below hold. Each invariant is also broken on purpose
+  once, to show that the checks notice.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
 import importlib
@@ -22,20 +24,27 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
-import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import tomllib
 import yaml
+from dockerfile_parse import DockerfileParser
+from dockerfile_parse.util import WordSplitter, extract_key_values
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import deploy_helpers as dh  # noqa: E402
+from bench.servers import Server, free_port
+from bench.tiny import make_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -64,15 +73,190 @@ VALIDATE_VERSIONS = ["1.30.0", "latest"]  # the oldest Kubernetes the manifests 
 
 
 # ==============================================================================================================
-# The Dockerfile
+# The Dockerfile: dockerfile-parse reads the instructions; what a target's image runs with is resolved along its
+# stage chain as BuildKit does (ENV and ARG inherited from the parent stage, global ARGs only where re-declared).
+
+
+@dataclass
+class Instruction:
+    keyword: str  # upper case: FROM, RUN, ENV, ...
+    args: str  # the rest of the instruction, continuation lines joined
+
+
+@dataclass
+class Stage:
+    index: int
+    name: str | None
+    base: str  # the FROM image or stage name, global ARGs expanded
+    instructions: list[Instruction] = field(default_factory=list)
+
+
+@dataclass
+class ImageConfig:
+    env: dict[str, str]
+    args: dict[str, str]
+    entrypoint: list[str] | None
+    cmd: list[str] | None
+    user: str | None
+    expose: list[str]
+    healthcheck: list[str] | None  # the CMD of HEALTHCHECK (exec form), None if absent or NONE
+    healthcheck_options: dict[str, str]
+
+
+def expand(value: str, args: Mapping[str, str], env: Mapping[str, str] | None = None) -> str:
+    """Docker's ``$VAR`` / ``${VAR}`` substitution (ENV wins over ARG), quotes kept."""
+    return " ".join(WordSplitter(value, args=dict(args), envs=dict(env or {})).split(dequote=False))
+
+
+def exec_form(value: str) -> list[str]:
+    """ENTRYPOINT/CMD as Docker runs them: a JSON array as it is, the shell form through /bin/sh -c."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, list) and all(isinstance(v, str) for v in parsed):
+        return parsed
+    return ["/bin/sh", "-c", value]
+
+
+class Dockerfile:
+    def __init__(self, path: str | Path):
+        self.global_args: dict[str, str] = {}
+        self.stages: list[Stage] = []
+        for ins in DockerfileParser(path=str(path)).structure:
+            keyword, value = ins["instruction"].upper(), ins["value"]
+            if keyword == "COMMENT":
+                continue
+            if keyword == "FROM":
+                words = [w for w in value.split() if not w.startswith("--platform")]
+                name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
+                self.stages.append(Stage(len(self.stages), name, expand(words[0], self.global_args)))
+            elif self.stages:
+                self.stages[-1].instructions.append(Instruction(keyword, value))
+            elif keyword == "ARG":
+                self.global_args.update(extract_key_values(True, self.global_args, {}, value))
+
+    @property
+    def stage_names(self) -> list[str | None]:
+        return [s.name for s in self.stages]
+
+    def stage(self, ref: str | int) -> Stage:
+        for stage in self.stages:
+            if ref in (stage.name, stage.index, str(stage.index)):
+                return stage
+        raise KeyError(f"no stage {ref!r}")
+
+    def is_stage(self, ref: str) -> bool:
+        return any(ref in (s.name, str(s.index)) for s in self.stages)
+
+    def ancestry(self, ref: str | int) -> list[Stage]:
+        """The stage and the stages it is built FROM, root first."""
+        chain = [self.stage(ref)]
+        while self.is_stage(chain[0].base):
+            chain.insert(0, self.stage(chain[0].base))
+        return chain
+
+    def dependencies(self, ref: str | int) -> list[Stage]:
+        """Every stage a target needs: its ancestry and, recursively, the stages it copies from."""
+        seen: dict[int, Stage] = {}
+        todo = [self.stage(ref)]
+        while todo:
+            stage = todo.pop()
+            if stage.index not in seen:
+                seen[stage.index] = stage
+                for ancestor in self.ancestry(stage.index):
+                    todo.append(ancestor)
+                    todo += [self.stage(s) for i in ancestor.instructions if (s := copy_from(i)) and self.is_stage(s)]
+        return [seen[i] for i in sorted(seen)]
+
+    def external_images(self) -> list[str]:
+        return [s.base for s in self.stages if not self.is_stage(s.base)]
+
+    def runs(self, stages: Iterable[Stage]) -> list[str]:
+        return [ins.args for stage in stages for ins in stage.instructions if ins.keyword == "RUN"]
+
+    def image_config(self, ref: str | int, base_env: Mapping[str, str] | None = None) -> ImageConfig:
+        """ENV/ARG/ENTRYPOINT/CMD/USER/... of a target along its stage chain. ``base_env`` stands for the external
+        base image's environment (e.g. its PATH), which this file cannot know."""
+        config = ImageConfig(dict(base_env or {}), {}, None, None, None, [], None, {})
+        for stage in self.ancestry(ref):
+            for ins in stage.instructions:
+                if ins.keyword == "ARG":
+                    for word in shlex.split(ins.args):
+                        key, has_default, default = word.partition("=")
+                        value = default if has_default else self.global_args.get(key, "")
+                        config.args[key] = expand(value, {**self.global_args, **config.args}, config.env)
+                elif ins.keyword == "ENV":
+                    config.env.update(extract_key_values(True, config.args, config.env, ins.args))
+                elif ins.keyword == "ENTRYPOINT":
+                    config.entrypoint, config.cmd = exec_form(ins.args), None  # ENTRYPOINT resets an inherited CMD
+                elif ins.keyword == "CMD":
+                    config.cmd = exec_form(ins.args)
+                elif ins.keyword == "USER":
+                    config.user = expand(ins.args, config.args, config.env)
+                elif ins.keyword == "EXPOSE":
+                    config.expose += expand(ins.args, config.args, config.env).split()
+                elif ins.keyword == "HEALTHCHECK":
+                    match = re.fullmatch(r"((?:--\S+\s+)*)(?:CMD\s+(.*)|NONE)", ins.args.strip(), re.I | re.S)
+                    assert match, f"cannot read HEALTHCHECK {ins.args!r}"
+                    config.healthcheck = exec_form(match.group(2)) if match.group(2) else None
+                    config.healthcheck_options = dict(o[2:].partition("=")[::2] for o in match.group(1).split())
+        return config
+
+
+def copy_from(ins: Instruction) -> str | None:
+    if ins.keyword in ("COPY", "ADD"):
+        for token in ins.args.split():
+            if token.startswith("--from="):
+                return token.split("=", 1)[1]
+    return None
+
+
+def pip_pins(run: str) -> dict[str, str]:
+    """``name==version`` requirements a RUN line passes to pip (names canonical, extras dropped)."""
+    pins = {}
+    for token in shlex.split(run):
+        try:
+            req = Requirement(token)
+        except InvalidRequirement:
+            continue
+        specs = list(req.specifier)
+        if len(specs) == 1 and specs[0].operator == "==":
+            pins[canonicalize_name(req.name)] = specs[0].version
+    return pins
+
+
+def split_image(image: str) -> tuple[str, str | None, str | None]:
+    """``registry:5000/ns/name:tag@sha256:...`` into (name, tag, digest)."""
+    rest, _, digest = image.partition("@")
+    slash, colon = rest.rfind("/"), rest.rfind(":")
+    if colon > slash:
+        return rest[:colon], rest[colon + 1 :], digest or None
+    return rest, None, digest or None
+
+
+_QUANTITY_SUFFIX = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+}  # fmt: skip
+
+
+def quantity(value: Any) -> float:
+    """A Kubernetes resource quantity (``"500m"``, ``"4Gi"``, ``2``) as a number."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value).strip())
+    if not match or match.group(2) not in _QUANTITY_SUFFIX:
+        raise ValueError(f"not a quantity: {value!r}")
+    return float(match.group(1)) * _QUANTITY_SUFFIX[match.group(2)]
 
 
 @functools.cache
-def dockerfile() -> dh.Dockerfile:
-    return dh.parse_dockerfile(DOCKERFILE)
+def dockerfile() -> Dockerfile:
+    return Dockerfile(DOCKERFILE)
 
 
-def serve_config(base_env: dict[str, str] | None = None) -> dh.ImageConfig:
+def serve_config(base_env: dict[str, str] | None = None) -> ImageConfig:
     return dockerfile().image_config(SERVE_STAGE, base_env)
 
 
@@ -98,11 +282,11 @@ def test_hadolint_clean_at_warning_level():
     assert proc.returncode == 0, f"hadolint:\n{proc.stdout}{proc.stderr}"
 
 
-def check_image_layout(df: dh.Dockerfile) -> None:
+def check_image_layout(df: Dockerfile) -> None:
     names = df.stage_names
     assert names[-1] == SERVE_STAGE, f"the last stage (the default target) must be {SERVE_STAGE!r}, got {names[-1]!r}"
     assert TRAIN_STAGE in names and BAKED_STAGE in names
-    assert len(set(n for n in names if n)) == len([n for n in names if n]), "stage names must be unique"
+    assert len({n for n in names if n}) == len([n for n in names if n]), "stage names must be unique"
 
     serve = df.image_config(SERVE_STAGE)
     train = df.image_config(TRAIN_STAGE)
@@ -116,7 +300,7 @@ def check_image_layout(df: dh.Dockerfile) -> None:
     assert copies and copies[-1].split()[-1].rstrip("/") == serve.env["REWARD_MODEL"], (
         f"serve-baked must copy the model to REWARD_MODEL ({serve.env.get('REWARD_MODEL')}): {copies}"
     )
-    assert "MODEL_DIR" in df.stage_args(BAKED_STAGE), "the baked model's source is the MODEL_DIR build arg"
+    assert "MODEL_DIR" in baked.args, "the baked model's source is the MODEL_DIR build arg"
 
     for config in (serve, train):
         uid = int((config.user or "0").split(":")[0]) if (config.user or "0").split(":")[0].isdigit() else None
@@ -130,22 +314,21 @@ def check_image_layout(df: dh.Dockerfile) -> None:
     assert serve.expose == [serve.env.get("REWARD_PORT")] == ["8000"], "EXPOSE == REWARD_PORT == 8000"
     assert serve.healthcheck, "the serve image needs a HEALTHCHECK"
     assert any("/healthz" in part for part in serve.healthcheck), f"HEALTHCHECK must hit /healthz: {serve.healthcheck}"
-    assert dh.quantity(serve.healthcheck_options.get("start-period", "0s").rstrip("s")) >= 60, "start period for load"
+    assert quantity(serve.healthcheck_options.get("start-period", "0s").rstrip("s")) >= 60, "start period for load"
 
 
-def check_image_pins(df: dh.Dockerfile) -> None:
+def check_image_pins(df: Dockerfile) -> None:
     for image in df.external_images():
-        name, tag, digest = dh.split_image(image)
+        name, tag, digest = split_image(image)
         assert digest or (tag and tag != "latest" and re.search(r"\d+\.\d+", tag)), f"unpinned base image {image}"
         assert "slim" in (tag or "") or digest, f"use a slim Python base: {image}"
     torch_runs = [r for s in df.dependencies(SERVE_STAGE) for r in df.runs([s]) if "torch==" in r]
     assert len(torch_runs) == 1, "torch is installed once, first, from the variant's index"
     stage = next(s for s in df.dependencies(SERVE_STAGE) if any("torch==" in r for r in df.runs([s])))
-    args = {**df.global_args, **df.stage_args(stage.index)}
-    expanded = dh.expand(torch_runs[0], args)
+    expanded = expand(torch_runs[0], df.image_config(stage.index).args)
     makefile_torch = re.search(r"^TORCH_SPEC \?= torch==(\S+)", (ROOT / "Makefile").read_text(), re.M)
     assert makefile_torch, "Makefile TORCH_SPEC"
-    assert dh.pip_pins(expanded).get("torch") == makefile_torch.group(1), "the image's torch == the Makefile's"
+    assert pip_pins(expanded).get("torch") == makefile_torch.group(1), "the image's torch == the Makefile's"
     assert re.search(r"--index-url[= ]\"?https://download.pytorch.org/whl/cpu\b", expanded), "CPU torch by default"
     assert "TORCH_VARIANT" in df.global_args, "a build argument selects the CUDA build"
     for builder, extras, forbidden in BUILDERS:
@@ -153,11 +336,9 @@ def check_image_pins(df: dh.Dockerfile) -> None:
 
 
 def _requirements(extra: str | None) -> dict[str, Any]:
-    from packaging.requirements import Requirement
-
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = project["dependencies"] if extra is None else project["optional-dependencies"][extra]
-    return {dh.normalize_name(r.name): r for r in map(Requirement, reqs)}
+    return {canonicalize_name(r.name): r for r in map(Requirement, reqs)}
 
 
 # builder stage, the pyproject extras it installs (besides the core dependencies), packages it must not install
@@ -167,13 +348,13 @@ BUILDERS = [
 ]
 
 
-def check_builder_pins(df: dh.Dockerfile, builder: str, extras: list[str], forbidden: set[str]) -> None:
+def check_builder_pins(df: Dockerfile, builder: str, extras: list[str], forbidden: set[str]) -> None:
     """Every core and extra requirement is pinned in the builder, and every pin satisfies pyproject.toml."""
     stage = df.stage(builder)
-    args = {**df.global_args, **df.stage_args(builder)}
+    args = df.image_config(builder).args
     pins: dict[str, str] = {}
     for run in df.runs(df.ancestry(builder)):
-        pins.update(dh.pip_pins(dh.expand(run, args)))
+        pins.update(pip_pins(expand(run, args)))
     wanted = {**_requirements(None)}
     for extra in extras:
         wanted.update(_requirements(extra))
@@ -189,7 +370,7 @@ def check_builder_pins(df: dh.Dockerfile, builder: str, extras: list[str], forbi
     assert "--no-deps ." in own and "pip check" in own, "the project installs without resolving anew, then pip check"
 
 
-def check_serve_image_is_lean(df: dh.Dockerfile) -> None:
+def check_serve_image_is_lean(df: Dockerfile) -> None:
     needed = df.dependencies(SERVE_STAGE)
     names = {s.name for s in needed}
     assert "train-builder" not in names and TRAIN_STAGE not in names, f"serve depends on training stages: {names}"
@@ -201,6 +382,107 @@ def check_serve_image_is_lean(df: dh.Dockerfile) -> None:
     assert runtime_copies == ["--from=serve-builder /opt/venv /opt/venv"], runtime_copies
 
 
+# What an image's entry point imports, against what the image installs
+
+
+def project_module_file(root: Path, module: str) -> Path | None:
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _guarded(node: Any, parents: dict[Any, Any]) -> bool:
+    """Whether an import sits in ``try: ... except ImportError`` or under ``if TYPE_CHECKING:``."""
+    child, parent = node, parents.get(node)
+    while parent is not None:
+        if isinstance(parent, ast.Try) and child in parent.body:
+            for handler in parent.handlers:
+                names = [handler.type] if not isinstance(handler.type, ast.Tuple) else list(handler.type.elts)
+                if any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError") for n in names):
+                    return True
+        if isinstance(parent, ast.If) and child in parent.body and "TYPE_CHECKING" in ast.unparse(parent.test):
+            return True
+        child, parent = parent, parents.get(parent)
+    return False
+
+
+def reachable_imports(root: Path, entry: str) -> dict[str, set[str]]:
+    """Top-level third-party modules that ``entry`` (a project module) and the project modules it imports, in turn,
+    import; each with the project modules that import it. Guarded imports (optional ones) are left out."""
+    third_party: dict[str, set[str]] = {}
+    seen: set[str] = set()
+    todo = [entry]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b runs a/__init__.py
+        path = project_module_file(root, module)
+        if path is None:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
+        package = parts if path.name == "__init__.py" else parts[:-1]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+                else:
+                    base = node.module or ""
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            if _guarded(node, parents):
+                continue
+            for target in targets:
+                top = target.split(".")[0]
+                if project_module_file(root, top) is not None:
+                    if project_module_file(root, target) is not None:
+                        todo.append(target)
+                elif (
+                    top
+                    and top not in sys.stdlib_module_names
+                    and top != "__future__"
+                    and (target == targets[0] or isinstance(node, ast.Import))
+                ):
+                    third_party.setdefault(top, set()).add(module)
+    return third_party
+
+
+def requirement_closure(requirements: Iterable[str]) -> set[str]:
+    """Normalised names of the distributions these requirements install, transitively (from installed metadata)."""
+    names: set[str] = set()
+    todo = [(Requirement(r), {""}) for r in requirements]
+    while todo:
+        req, context_extras = todo.pop()
+        if req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in context_extras):
+            continue
+        name = canonicalize_name(req.name)
+        key = (name, tuple(sorted(req.extras)))
+        if key in names:
+            continue
+        names.add(key)  # type: ignore[arg-type]
+        try:
+            requires = metadata.requires(req.name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        extras = {""} | set(req.extras)
+        todo += [(Requirement(r), extras) for r in requires]
+    return {name for name, _ in names}  # type: ignore[misc]
+
+
+def module_distributions() -> dict[str, set[str]]:
+    return {
+        module: {canonicalize_name(d) for d in dists} for module, dists in metadata.packages_distributions().items()
+    }
+
+
 @pytest.mark.parametrize("script, builder", [("reward-serve", "serve-builder"), ("reward-train", "train-builder")])
 def test_image_installs_what_the_entry_point_imports(script, builder):
     """No engine builds the image here, so check statically: every third-party module the entry point's module and
@@ -208,15 +490,15 @@ def test_image_installs_what_the_entry_point_imports(script, builder):
     requirements (core + its extras, as pinned), e.g. no client-only httpx import on the server's path."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     entry = project["scripts"][script].split(":")[0]
-    if dh.project_module_file(ROOT, entry) is None:
+    if project_module_file(ROOT, entry) is None:
         pytest.skip(f"{entry} (the module of {script}) does not exist yet")
     extras = next(e for b, e, _ in BUILDERS if b == builder)
     requirements = project["dependencies"] + [r for extra in extras for r in project["optional-dependencies"][extra]]
-    installed = dh.requirement_closure(requirements)
-    providers = dh.module_distributions()
+    installed = requirement_closure(requirements)
+    providers = module_distributions()
     missing = {
         module: sorted(importers)
-        for module, importers in dh.reachable_imports(ROOT, entry).items()
+        for module, importers in reachable_imports(ROOT, entry).items()
         if not providers.get(module, set()) & installed
     }
     assert not missing, f"{script}'s image ({builder}) would lack the modules {missing} (module: imported by)"
@@ -270,7 +552,7 @@ def test_dockerfile_checks_catch_a_broken_invariant(name, tmp_path):
     text = DOCKERFILE.read_text()
     assert text.count(old) == 1, f"mutation {name!r}: {old!r} must occur once in the Dockerfile"
     (tmp_path / "Dockerfile").write_text(text.replace(old, new))
-    mutated = dh.parse_dockerfile(tmp_path / "Dockerfile")
+    mutated = Dockerfile(tmp_path / "Dockerfile")
     failures = []
     for check in IMAGE_CHECKS:
         try:
@@ -281,13 +563,14 @@ def test_dockerfile_checks_catch_a_broken_invariant(name, tmp_path):
 
 
 def test_dockerignore_keeps_the_context_small_but_complete():
-    patterns = dh.dockerignore_patterns(ROOT / ".dockerignore")
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     for needed in (".git", ".venv"):
         assert needed in patterns, f".dockerignore must exclude {needed}"
     copied = []
     for stage in dockerfile().stages:
         for ins in stage.instructions:
-            if ins.keyword == "COPY" and not dh.copy_from(ins) and "${" not in ins.args:
+            if ins.keyword == "COPY" and not copy_from(ins) and "${" not in ins.args:
                 copied += [t for t in ins.args.split()[:-1] if not t.startswith("--")]
     assert {"pyproject.toml", "README.md", "training", "service"} <= set(copied), copied
     for path in copied:
@@ -303,9 +586,8 @@ def test_dockerignore_keeps_the_context_small_but_complete():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    path = dh.build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-reward-model"))
-    assert any(path.glob("*.safetensors"))
-    return path
+    """A plain classifier folder (no reward manifest): the service reads it with the default formatting recipe."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-reward-model") / "model")
 
 
 def image_environment(tmp: Path) -> tuple[list[str], dict[str, str], Callable[[str], str]]:
@@ -330,22 +612,20 @@ def image_environment(tmp: Path) -> tuple[list[str], dict[str, str], Callable[[s
 def resolve_or_skip(argv: list[str], env: dict[str, str]) -> list[str]:
     executable = shutil.which(argv[0], path=env["PATH"])
     if executable is None:
-        pytest.skip(
-            f"{argv[0]!r} is not installed in {sys.prefix} yet (console script of pyproject's [project.scripts])"
-        )
-    if argv[0] == "reward-serve" and importlib.util.find_spec("service.cli") is None:
-        pytest.skip("reward-serve's module service.cli does not exist yet")
+        pytest.skip(f"{argv[0]!r} is not installed in {sys.prefix} (console script of pyproject's [project.scripts])")
     return [executable] + argv[1:]
 
 
-def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+def image_server(argv: list[str], env: dict[str, str], tmp_path: Path) -> Server:
+    """The entry point with exactly ``env`` (nothing from this process's environment is added) on a free port."""
+    port = free_port()
+    env = {**env, "REWARD_PORT": str(port), "REWARD_HOST": "127.0.0.1"}
+    return Server("reward-serve", argv, tmp_path / "server.log", base_env=env, url=f"http://127.0.0.1:{port}")
 
 
 @pytest.fixture(scope="module")
 def serve_installed() -> None:
-    """Skip the runtime tests (before building a checkpoint) until reward-serve is installed."""
+    """Skip the runtime tests (before building a checkpoint) where reward-serve is not installed."""
     config = serve_config({"PATH": os.environ.get("PATH", "")})
     path = config.env["PATH"].replace(config.env.get("VIRTUAL_ENV", "/opt/venv"), sys.prefix)
     resolve_or_skip(list(config.entrypoint or []), {"PATH": path})
@@ -353,23 +633,20 @@ def serve_installed() -> None:
 
 def test_image_entrypoint_serves_and_drains(serve_installed, tiny_checkpoint, tmp_path):
     argv, env, _ = image_environment(tmp_path)
-    argv = resolve_or_skip(argv, env)
-    port = dh.free_port()
-    env.update(REWARD_MODEL=str(tiny_checkpoint), REWARD_PORT=str(port), REWARD_HOST="127.0.0.1")
-    log = tmp_path / "server.log"
-    proc = start(argv, env, log)
+    env["REWARD_MODEL"] = str(tiny_checkpoint)
+    server = image_server(resolve_or_skip(argv, env), env, tmp_path)
     try:
-        dh.wait_until_ready(f"http://127.0.0.1:{port}/readyz", proc, READY_DEADLINE_S, log)
-        assert dh.http("GET", f"http://127.0.0.1:{port}/healthz")[0] == 200
+        server.start(READY_DEADLINE_S)
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
         # the image's own HEALTHCHECK command, as Docker would run it inside the container
         check = serve_config().healthcheck
         check_argv = [shutil.which(check[0], path=env["PATH"]) or check[0]] + check[1:]
-        probe = subprocess.run(check_argv, env=env, capture_output=True, text=True, timeout=30)
+        probe = subprocess.run(check_argv, env=server.env, capture_output=True, text=True, timeout=30)
         assert probe.returncode == 0, f"HEALTHCHECK failed: {probe.stdout}{probe.stderr}"
     finally:
-        code = dh.stop(proc, signal.SIGTERM, DEFAULT_DRAIN_TIMEOUT_S + 15)
-    assert code is not None, f"reward-serve did not exit within the drain timeout after SIGTERM\n{dh.tail(log)}"
-    assert code == 0, f"reward-serve exited with {code} after SIGTERM (a graceful drain exits 0)\n{dh.tail(log)}"
+        code = server.stop(DEFAULT_DRAIN_TIMEOUT_S + 15)
+    assert code is not None, f"reward-serve did not exit within the drain timeout after SIGTERM\n{server.log_tail()}"
+    assert code == 0, f"reward-serve exited with {code} after SIGTERM (a graceful drain exits 0)\n{server.log_tail()}"
 
 
 def pod_environment(objs: list[dict], image_env: dict[str, str], secrets: dict[tuple[str, str], str]) -> dict[str, str]:
@@ -394,7 +671,7 @@ def pod_environment(objs: list[dict], image_env: dict[str, str], secrets: dict[t
         elif "resourceFieldRef" in value_from:
             ref = value_from["resourceFieldRef"]
             limit = container["resources"]["limits"][ref["resource"].split(".", 1)[1]]
-            env[item["name"]] = str(math.ceil(dh.quantity(limit) / dh.quantity(ref.get("divisor", "1"))))
+            env[item["name"]] = str(math.ceil(quantity(limit) / quantity(ref.get("divisor", "1"))))
         else:
             raise AssertionError(f"unexpected valueFrom {value_from}")
     return env
@@ -408,30 +685,25 @@ def test_pod_environment_probes_open_scoring_guarded(serve_installed, tiny_check
     api_key = "test-api-key-0123456789"
     env = pod_environment(objs, image_env, {secret_ref(objs): api_key})
     env = {key: localize(value) for key, value in env.items()}
-    # the pod's model volume, port (a pod has its own network) and interfaces, onto this machine
-    port = dh.free_port()
-    env.update(REWARD_MODEL=str(tiny_checkpoint), REWARD_PORT=str(port), REWARD_HOST="127.0.0.1")
-    log = tmp_path / "server.log"
-    proc = start(argv, env, log)
-    base = f"http://127.0.0.1:{port}"
+    env["REWARD_MODEL"] = str(tiny_checkpoint)  # the pod's model volume, onto this machine
+    server = image_server(argv, env, tmp_path)  # a pod has its own network: a free port and loopback here
+    item = {"items": [{"text": "hello world"}]}
     try:
-        dh.wait_until_ready(f"{base}/readyz", proc, READY_DEADLINE_S, log)
-        for path in ("/healthz", "/readyz", "/metrics"):  # kubelet probes and Prometheus carry no API key
-            status, body = dh.http("GET", base + path)
-            assert status == 200, f"GET {path} without the API key answered {status}: {body[:300]!r}"
-        metrics = dh.http("GET", base + "/metrics")[1].decode()
-        assert "reward_queue_depth" in metrics, "the HPA example scales on reward_queue_depth"
-        item = {"items": [{"text": "hello world"}]}
-        status, _ = dh.http("POST", base + "/score", body=item)
-        assert status in (401, 403), f"POST /score without the API key answered {status}"
-        status, _ = dh.http("POST", base + "/score", body=item, headers=auth_headers("wrong-key"))
-        assert status in (401, 403), f"POST /score with a wrong API key answered {status}"
-        status, body = dh.http("POST", base + "/score", body=item, headers=auth_headers(api_key))
-        assert status == 200, f"POST /score with the Secret's API key answered {status}: {body[:300]!r}"
-        assert len(json.loads(body)["scores"]) == 1
+        server.start(READY_DEADLINE_S)
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            for path in ("/healthz", "/readyz", "/metrics"):  # kubelet probes and Prometheus carry no API key
+                response = http.get(path)
+                assert response.status_code == 200, f"GET {path} without the API key: {response.text[:300]}"
+            assert "reward_queue_depth" in http.get("/metrics").text, "the HPA example scales on reward_queue_depth"
+            assert http.post("/score", json=item).status_code in (401, 403), "POST /score without the API key"
+            wrong = http.post("/score", json=item, headers=auth_headers("wrong-key"))
+            assert wrong.status_code in (401, 403), "POST /score with a wrong API key"
+            response = http.post("/score", json=item, headers=auth_headers(api_key))
+            assert response.status_code == 200, f"POST /score with the Secret's API key: {response.text[:300]}"
+            assert len(response.json()["scores"]) == 1
     finally:
-        code = dh.stop(proc, signal.SIGTERM, DEFAULT_DRAIN_TIMEOUT_S + 15)
-    assert code == 0, f"reward-serve exited with {code} after SIGTERM\n{dh.tail(log)}"
+        code = server.stop(DEFAULT_DRAIN_TIMEOUT_S + 15)
+    assert code == 0, f"reward-serve exited with {code} after SIGTERM\n{server.log_tail()}"
 
 
 def auth_headers(key: str) -> dict[str, str]:
@@ -439,30 +711,21 @@ def auth_headers(key: str) -> dict[str, str]:
 
 
 # ==============================================================================================================
-# k8s/: rendering and schema validation
+# k8s/: rendering (kubectl kustomize) and schema validation
 
 
 @functools.cache
 def _rendered(variant: str) -> tuple[dict, ...]:
-    directory = VARIANTS[variant]
-    objs = dh.kubectl_kustomize(directory)
-    if objs is None:
-        objs = dh.render_kustomization(directory)
-    return tuple(objs)
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the k8s/ checks render the manifests with `kubectl kustomize`")
+    proc = subprocess.run([kubectl, "kustomize", str(VARIANTS[variant])], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"kubectl kustomize {VARIANTS[variant]} failed:\n{proc.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
 
 
 def rendered(variant: str) -> list[dict]:
     return copy.deepcopy(list(_rendered(variant)))
-
-
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_kubectl_kustomize_builds_and_matches_the_helper(variant):
-    reference = dh.kubectl_kustomize(VARIANTS[variant])
-    ours = dh.render_kustomization(VARIANTS[variant])
-    if reference is None:
-        pytest.skip("neither kubectl nor kustomize is installed: the k8s tests use tests/deploy_helpers.py's renderer")
-    by_key = {dh.object_key(o): o for o in reference}
-    assert {dh.object_key(o): o for o in ours} == by_key, "tests/deploy_helpers.py renders differently from kubectl"
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -516,7 +779,7 @@ def _container(obj: dict, image: str) -> dict:
     hits = [
         c
         for c in obj["spec"]["template"]["spec"]["containers"]
-        if dh.split_image(c["image"])[0].rsplit("/", 1)[-1] == image
+        if split_image(c["image"])[0].rsplit("/", 1)[-1] == image
     ]
     assert len(hits) == 1, f"{obj['kind']}/{obj['metadata']['name']}: one container of image {image}, found {len(hits)}"
     return hits[0]
@@ -665,7 +928,7 @@ def check_resources(objs):
                 assert name in (resources.get(kind) or {}), f"{container['name']}: resources.{kind}.{name} is missing"
         for name, request in resources["requests"].items():
             if name in resources["limits"]:
-                assert dh.quantity(request) <= dh.quantity(resources["limits"][name]), f"{name} request > limit"
+                assert quantity(request) <= quantity(resources["limits"][name]), f"{name} request > limit"
 
 
 def check_security(objs):
@@ -849,7 +1112,9 @@ def test_invariant(variant, check):
 
 
 def test_default_is_the_base_and_has_no_crds():
-    keys = lambda objs: sorted(dh.object_key(o) for o in objs)  # noqa: E731
+    def keys(objs):
+        return sorted((o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in objs)
+
     assert keys(rendered("default")) == keys(rendered("base"))
     kinds = sorted(o["kind"] for o in rendered("default"))
     assert kinds == sorted(
@@ -869,8 +1134,8 @@ def test_gpu_variant():
     objs = rendered("gpu")
     for container in (server_container(objs), train_container(objs)):
         limits = container["resources"]["limits"]
-        assert dh.quantity(limits.get("nvidia.com/gpu", 0)) >= 1, f"{container['name']} must request nvidia.com/gpu"
-        assert "cuda" in (dh.split_image(container["image"])[1] or ""), f"{container['name']}: the CUDA image's tag"
+        assert quantity(limits.get("nvidia.com/gpu", 0)) >= 1, f"{container['name']} must request nvidia.com/gpu"
+        assert "cuda" in (split_image(container["image"])[1] or ""), f"{container['name']}: the CUDA image's tag"
     env = config_env(objs, server_container(objs))
     assert env.get("REWARD_DTYPE") in ("bfloat16", "float16"), "the GPU variant scores in half precision"
     assert env.get("REWARD_DEVICE") in ("cuda", "auto")
@@ -885,7 +1150,7 @@ def test_servicemonitor_component():
     component_dir = K8S / "components" / "servicemonitor"
     spec = yaml.safe_load((component_dir / "kustomization.yaml").read_text())
     assert (spec["apiVersion"], spec["kind"]) == ("kustomize.config.k8s.io/v1alpha1", "Component")
-    monitors = [o for f in spec["resources"] for o in dh.load_yaml_documents(component_dir / f)]
+    monitors = [o for f in spec["resources"] for o in yaml.safe_load_all((component_dir / f).read_text()) if o]
     assert [m["kind"] for m in monitors] == ["ServiceMonitor"]
     assert monitors[0]["apiVersion"] == "monitoring.coreos.com/v1"
     check_servicemonitor_if_present(rendered("base") + monitors)
