@@ -65,10 +65,6 @@ class Lifecycle:
             return True
 
     @property
-    def draining(self) -> bool:
-        return self._phase is Phase.DRAINING
-
-    @property
     def drained(self) -> bool:
         """Draining, and every accepted request answered (or the drain timeout passed)."""
         if self._phase is not Phase.DRAINING:

@@ -8,7 +8,6 @@ only the helpers it calls.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import threading
 import time
@@ -16,7 +15,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -111,10 +109,6 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
         for sample in family.samples
         if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items())
     )
-
-
-def json_post(url: str, body: Any, **kwargs: Any) -> httpx.Response:
-    return httpx.post(url, content=json.dumps(body), headers={"content-type": "application/json"}, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ section and its ``normalization`` statistics. Needs torch and transformers (matp
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from training.checkpoint import CheckpointError, RewardCheckpoint, load_checkpoint, score_all
+from training.data import DataError, load_preference_rows
 from training.formatting import FormattingError
 
 DEFAULT_MAX_BATCH_TOKENS = 2048
@@ -104,73 +104,6 @@ def evaluate_pairs(
         "chosen_scores": chosen_scores,
         "rejected_scores": rejected_scores,
     }
-
-
-# -- data --------------------------------------------------------------------------------------------------------
-def _data_module():
-    try:
-        from training import data
-    except ImportError:
-        return None
-    return data if hasattr(data, "load_preference_rows") else None
-
-
-def _data_errors() -> tuple[type[BaseException], ...]:
-    module = _data_module()
-    error = getattr(module, "DataError", None) if module is not None else None
-    return (error,) if isinstance(error, type) and issubclass(error, BaseException) else ()
-
-
-def load_rows(path_or_name: str, split: str | None = None) -> list[dict[str, Any]]:
-    """Preference rows from ``training.data.load_preference_rows`` when present, else from a local file."""
-    module = _data_module()
-    if module is not None:
-        return list(module.load_preference_rows(path_or_name, **({"split": split} if split else {})))
-    return read_local_rows(path_or_name)
-
-
-def read_local_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a local ``.jsonl``, ``.json`` (a list, or an object with a list under ``data``/``rows``), ``.csv`` or
-    ``.parquet`` file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such dataset file")
-    if path.is_dir():
-        raise EvaluationError(f"{path}: is a folder; pass a .jsonl, .json, .csv or .parquet file")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise EvaluationError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        return rows
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise EvaluationError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-        if isinstance(data, Mapping):
-            data = data.get("data", data.get("rows"))
-        if not isinstance(data, list):
-            raise EvaluationError(f"{path}: expected a JSON list of rows")
-        return data
-    if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise EvaluationError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from exc
-        return pq.read_table(path).to_pylist()
-    raise EvaluationError(
-        f"{path}: unknown dataset format {suffix or '(no suffix)'!r}; use .jsonl, .json, .csv or .parquet"
-    )
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -273,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise EvaluationError(f"--max-batch-tokens must be positive, got {args.max_batch_tokens}")
     if not Path(args.checkpoint).is_dir():
         raise CheckpointError(f"{args.checkpoint}: no such checkpoint folder")
-    rows = load_rows(args.dataset, split=args.split)
+    rows = load_preference_rows(args.dataset, **({"split": args.split} if args.split else {}))
     if not rows:
         raise EvaluationError(f"{args.dataset}: the data set is empty")
     checkpoint = load_checkpoint(
@@ -308,7 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    expected = (FormattingError, CheckpointError, EvaluationError, FileNotFoundError, OSError, *_data_errors())
+    expected = (FormattingError, CheckpointError, EvaluationError, DataError, FileNotFoundError, OSError)
     try:
         run(args)
     except expected as exc:

