@@ -178,7 +178,7 @@ def test_a_text_that_already_starts_with_bos_gets_no_second_one(llama_tok):
 
 def test_a_text_that_already_ends_with_eos_gets_no_second_one_from_the_tokenizer():
     """A tokenizer that adds eos itself (no eos appended by the recipe) keeps one eos at the end."""
-    from tiny_models import make_llama_tokenizer
+    from bench.tiny import make_llama_tokenizer
 
     tokenizer = make_llama_tokenizer(add_eos=True)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id

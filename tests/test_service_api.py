@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from service_fixtures import NORMALIZATION, app_client, make_settings, plain_classifier_dir, tiny_reward_checkpoint  # noqa: F401
+from service_fixtures import NORMALIZATION, app_client, make_settings
 
 from service.backend import plan_threads
 

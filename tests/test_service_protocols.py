@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import ThreadedServer, make_settings, tiny_reward_checkpoint  # noqa: F401  (fixture)
+from service_fixtures import ThreadedServer, make_settings
 
 KEY = "protocols-k3y"
 PROMPT = "what is two plus two? "
