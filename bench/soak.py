@@ -158,7 +158,7 @@ def service_server(model: str, extra_args: list[str], log_path: Path, torch_thre
     return Server("reward-serve", argv, log_path, env={"TOKENIZERS_PARALLELISM": "false"})
 
 
-# -- the load ------------------------------------------------------------------------------------------------------------
+# -- the load ----------------------------------------------------------------------------------------------------------
 def make_text(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 60))) + rng.choice([".", "?", "!"])
 
@@ -227,7 +227,7 @@ async def run_load(args: argparse.Namespace, url: str, pid: int | None) -> Sampl
     return samples
 
 
-# -- the report ----------------------------------------------------------------------------------------------------------
+# -- the report --------------------------------------------------------------------------------------------------------
 def ms(x: float | None) -> float | None:
     return None if x is None else round(x * 1000, 1)
 
