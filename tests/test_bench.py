@@ -66,19 +66,20 @@ def test_ratios_batching_and_outputs(smoke_report):
     ceiling = run["scenarios"]["ceiling"]
     # The ceiling is timed again after every load scenario; each scenario is compared with the timings around it.
     timings = [t["texts_per_s"] for t in ceiling["timings"]]
+    # exact: the report copies these numbers, it does not recompute them
     assert timings[0] == ceiling["sweep"][ceiling["best"]]["texts_per_s"] and len(timings) == len(SCENARIOS)
     assert ceiling["texts_per_s"] == pytest.approx(sum(timings) / len(timings))
     loads = [name for name in run["scenarios"] if name != "ceiling"]  # in the order they ran
     for i, name in enumerate(loads):
         around = run["scenarios"][name]["ceiling_around"]
-        assert (around["before"], around["after"]) == (timings[i], timings[i + 1]), name
+        assert (around["before"], around["after"]) == (timings[i], timings[i + 1]), name  # copied: exact
         assert run["ratios"][f"{name}_vs_ceiling"] == pytest.approx(
             run["scenarios"][name]["texts_per_s"] / ((timings[i] + timings[i + 1]) / 2)
         ), name
     assert all(v["passes"] >= 1 for v in ceiling["sweep"].values())
     assert {"one_at_a_time", "unsorted_16"} <= set(ceiling["sweep"])
     # The naive server never batches across requests: one-text requests make one-item forwards.
-    assert run["scenarios"]["naive_64x1"]["mean_items_per_forward"] == 1
+    assert run["scenarios"]["naive_64x1"]["mean_items_per_forward"] == 1  # exact: items / forwards, two counts
     assert {t["target"] for t in report["targets"]} >= {"service_64x1_vs_ceiling", "service_4x64_vs_naive"}
     assert report["texts"]["n"] > 0 and report["machine"]["cpus"] >= 1
     table = (out / "bench.md").read_text()
@@ -104,6 +105,6 @@ def test_naive_server_pads_each_request_to_its_longest(tmp_path):
         metrics = client.get("/metrics").text
     ids = [checkpoint.formatter.encode({"text": t}).input_ids for t in texts]
     assert scores == pytest.approx(forward_scores(checkpoint, ids), abs=1e-5)
-    assert rewards == pytest.approx(scores, abs=1e-6)
+    assert rewards == pytest.approx(scores, abs=1e-5)
     assert "reward_batch_size_count 2" in metrics and "reward_batch_size_sum 6" in metrics
     assert f"reward_batch_tokens_sum {2 * 3 * max(map(len, ids))}" in metrics

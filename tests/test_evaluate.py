@@ -53,7 +53,7 @@ def known_pairs(bert_checkpoint):
 def test_pair_metrics_counts_ties_as_half():
     m = evaluate.pair_metrics([1.0, 2.0, 0.5, 3.0], [0.0, 2.0, 1.5, 1.0])
     assert m == {"n": 4, "accuracy": pytest.approx((1 + 0.5 + 0 + 1) / 4), "mean_margin": pytest.approx(0.5)}
-    assert evaluate.pair_metrics([0.0] * 3, [0.0] * 3)["accuracy"] == 0.5
+    assert evaluate.pair_metrics([0.0] * 3, [0.0] * 3)["accuracy"] == 0.5  # exact: a ratio of counts (1.5 / 3)
     with pytest.raises(evaluate.EvaluationError):
         evaluate.pair_metrics([], [])
 
@@ -69,15 +69,15 @@ def test_evaluate_pairs_on_known_outcomes(bert_checkpoint, known_pairs):
     rows, expected_margin = known_pairs
     result = evaluate.evaluate_pairs(bert_checkpoint, rows)
     assert result["n"] == 8
-    assert result["accuracy"] == 0.75
-    assert result["mean_margin"] == pytest.approx(expected_margin, abs=1e-5)
+    assert result["accuracy"] == 0.75  # exact: 6 of 8 pairs, each gap far above the batching noise
+    assert result["mean_margin"] == pytest.approx(expected_margin, abs=2e-4)  # two scores, batched vs alone
     assert result["truncated"] == 0
     for row, c, r in zip(rows, result["chosen_scores"], result["rejected_scores"], strict=True):
         assert c == pytest.approx(
-            direct_score(bert_checkpoint, {"prompt": row["prompt"], "response": row["chosen"]}), abs=1e-5
+            direct_score(bert_checkpoint, {"prompt": row["prompt"], "response": row["chosen"]}), abs=1e-4
         )
         assert r == pytest.approx(
-            direct_score(bert_checkpoint, {"prompt": row["prompt"], "response": row["rejected"]}), abs=1e-5
+            direct_score(bert_checkpoint, {"prompt": row["prompt"], "response": row["rejected"]}), abs=1e-4
         )
     both = result["chosen_scores"] + result["rejected_scores"]
     assert result["normalization"]["mean"] == pytest.approx(sum(both) / len(both))
@@ -90,8 +90,8 @@ def test_scores_do_not_depend_on_batching_for_a_padless_decoder(tiny_llama_dir):
     rows = generate_pairs(6, seed=3)
     one_by_one = evaluate.evaluate_pairs(checkpoint, rows, max_batch_tokens=1)
     batched = evaluate.evaluate_pairs(checkpoint, rows, max_batch_tokens=100_000)
-    assert one_by_one["chosen_scores"] == pytest.approx(batched["chosen_scores"], abs=1e-5)
-    assert one_by_one["rejected_scores"] == pytest.approx(batched["rejected_scores"], abs=1e-5)
+    assert one_by_one["chosen_scores"] == pytest.approx(batched["chosen_scores"], abs=1e-4)
+    assert one_by_one["rejected_scores"] == pytest.approx(batched["rejected_scores"], abs=1e-4)
 
 
 def test_evaluate_pairs_counts_truncated_pairs(tiny_bert_dir):
@@ -130,10 +130,10 @@ def test_reward_eval_report_and_printed_numbers(tmp_path, tiny_bert_dir, known_p
     assert "n: 8" in out
     assert "truncated: 0" in out
     printed = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
-    assert float(printed["mean_margin"]) == pytest.approx(expected_margin, abs=2e-6)
+    assert float(printed["mean_margin"]) == pytest.approx(expected_margin, abs=2e-4)  # batched vs alone
     report = json.loads(report_path.read_text())
-    assert report["n"] == 8 and report["accuracy"] == 0.75 and report["truncated"] == 0
-    assert report["mean_margin"] == pytest.approx(expected_margin, abs=1e-5)
+    assert report["n"] == 8 and report["accuracy"] == 0.75 and report["truncated"] == 0  # 6 of 8: a count
+    assert report["mean_margin"] == pytest.approx(expected_margin, abs=2e-4)
     assert len(report["scores"]["chosen"]) == len(report["scores"]["rejected"]) == 8
     assert set(report["normalization"]) == {"mean", "std"}
 

@@ -71,7 +71,7 @@ def test_served_scores_equal_the_checkpoint_loaded_directly(client, direct):
         {"text": "the cat is blue " * 30},  # truncated to max_length
     ]
     body = score(client, items)
-    assert body["scores"] == pytest.approx(direct_scores(direct, items), abs=1e-5)
+    assert body["scores"] == pytest.approx(direct_scores(direct, items), abs=1e-4)  # batched vs alone: neighbours
     assert body["truncated"] == [False, False, False, True]
 
 
@@ -81,7 +81,7 @@ def test_normalize_uses_the_manifest_statistics(client):
     normalized = score(client, items, normalize=True)
     assert normalized["normalized"] is True
     expected = [(s - NORMALIZATION["mean"]) / NORMALIZATION["std"] for s in raw]
-    assert normalized["scores"] == pytest.approx(expected, abs=1e-6)
+    assert normalized["scores"] == pytest.approx(expected, abs=1e-5 / NORMALIZATION["std"])
 
 
 def test_compare_agrees_with_score(client):
@@ -107,9 +107,9 @@ def test_compare_agrees_with_score(client):
     ]
     s = score(client, items)["scores"]
     margins = [s[0] - s[1], s[2] - s[3], s[4] - s[5]]
-    assert body["margins"] == pytest.approx(margins, abs=1e-6)
-    assert body["chosen_scores"] == pytest.approx(s[0::2], abs=1e-6)
-    assert body["probabilities"] == pytest.approx([1 / (1 + math.exp(-m)) for m in margins], abs=1e-6)
+    assert body["margins"] == pytest.approx(margins, abs=2e-5)  # two scores, each within 1e-5
+    assert body["chosen_scores"] == pytest.approx(s[0::2], abs=1e-5)
+    assert body["probabilities"] == pytest.approx([1 / (1 + math.exp(-m)) for m in margins], abs=1e-5)
 
 
 def test_get_reward_speaks_openrlhf_and_agrees_with_score(client):
@@ -120,8 +120,9 @@ def test_get_reward_speaks_openrlhf_and_agrees_with_score(client):
     assert response.status_code == 200, response.text
     body = response.json()
     expected = score(client, [{"text": q} for q in queries])["scores"]
-    assert body["rewards"] == pytest.approx(expected, abs=1e-6)
-    assert body["scores"] == body["rewards"] and body["extra_logs"] == {"truncated": [0.0, 0.0]}
+    assert body["rewards"] == pytest.approx(expected, abs=1e-5)
+    assert body["scores"] == body["rewards"]  # one list, sent under both names
+    assert body["extra_logs"] == {"truncated": [0.0, 0.0]}
 
 
 def test_probes_info_metrics_and_docs(client):
@@ -131,7 +132,7 @@ def test_probes_info_metrics_and_docs(client):
     assert info["model"] == "tiny-bert-reward" and info["has_manifest"] is True
     assert info["dtype"] == "float32" and info["device"] == "cpu"
     assert info["formatting"]["architecture"] == "encoder" and info["formatting"]["max_length"] == 64
-    assert info["normalization"] == NORMALIZATION
+    assert info["normalization"] == NORMALIZATION  # the manifest's numbers, read back, not computed
     assert info["batching"]["max_batch_tokens"] == 1024 and info["batching"]["max_wait_ms"] == 1  # fp32-on-CPU default
     plan = plan_threads("cpu")
     assert (info["batching"]["inference_workers"], info["batching"]["torch_threads_per_worker"]) == (
@@ -259,7 +260,7 @@ def test_a_plain_classifier_is_served_with_the_chosen_label(plain_classifier_dir
         assert info["normalization"] is None and info["formatting"]["max_length"] == 4
         body = c.post("/score", json={"items": [{"text": t} for t in texts]}).json()
         assert body["truncated"] == [False, True]
-        assert body["scores"][0] == pytest.approx(expected[0], abs=1e-5)
+        assert body["scores"][0] == pytest.approx(expected[0], abs=1e-4)  # batched vs alone: neighbours
         response = c.post("/score", json={"items": [{"text": "a"}], "normalize": True})
         assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "normalize"]
 
@@ -396,7 +397,7 @@ def test_short_requests_are_tokenized_on_the_event_loop_and_long_ones_in_a_threa
     async def main() -> threading.Thread:
         for items in requests:
             scored = await scorer.score(items, locs=[["body", "items", i] for i in range(len(items))])
-            assert scored.scores == [3.0] * len(items)
+            assert scored.scores == [3.0] * len(items)  # exact: the fake forward's float(len(ids)), passed through
         return threading.current_thread()
 
     loop_thread = asyncio.run(main())

@@ -72,7 +72,7 @@ def test_results_come_back_in_order_and_requests_share_a_forward():
         futures = [batcher.submit(r) for r in requests]
         results = await asyncio.gather(*futures)
         for request, scores in zip(requests, results, strict=True):
-            assert scores == [expected(ids) for ids in request]
+            assert scores == [expected(ids) for ids in request]  # exact: the fake forward's numbers, routed back
 
     run(main())
     batcher.stop(5)
@@ -179,7 +179,7 @@ def test_a_cancelled_request_costs_no_compute_and_leaves_the_queue():
         await asyncio.sleep(0)  # done callbacks run on the next loop iteration
         assert batcher.queue_depth == 1 and batcher.queued_tokens == 4
         forward.release.set()
-        assert await kept == [expected(seq(600, 4))]
+        assert await kept == [expected(seq(600, 4))]  # exact: the fake forward's number
         await blocker
 
     run(main())
@@ -199,7 +199,7 @@ def test_a_failing_forward_fails_only_its_batch_and_the_worker_goes_on():
         good = batcher.submit([seq(14, 3)])
         with pytest.raises(ForwardFailed, match="injected failure"):
             await bad
-        assert await good == [expected(seq(14, 3))]
+        assert await good == [expected(seq(14, 3))]  # exact: the fake forward's number
         assert await batcher.submit([seq(15, 2)]) == [expected(seq(15, 2))]
 
     run(main())
@@ -214,7 +214,7 @@ def test_a_batch_too_large_for_the_device_is_retried_in_halves():
 
     async def main():
         request = [seq(i, 3 + i % 3) for i in range(1, 9)]
-        assert await batcher.submit(request) == [expected(ids) for ids in request]
+        assert await batcher.submit(request) == [expected(ids) for ids in request]  # exact: the fake's numbers
 
     run(main())
     batcher.stop(5)
@@ -237,7 +237,7 @@ def test_the_queue_is_bounded_in_tokens():
             batcher.submit([seq(4, 21)])
         forward.release.set()
         await asyncio.gather(blocker, queued)
-        assert await batcher.submit([seq(5, 8)]) == [expected(seq(5, 8))]  # room again
+        assert await batcher.submit([seq(5, 8)]) == [expected(seq(5, 8))]  # room again (exact: the fake's number)
 
     run(main())
     batcher.stop(5)
@@ -261,7 +261,7 @@ def test_stop_finishes_queued_work_then_refuses_new_work():
         return await asyncio.gather(*futures)
 
     results = run(main())
-    assert results == [[expected(seq(i, 3))] for i in range(6)]
+    assert results == [[expected(seq(i, 3))] for i in range(6)]  # exact: the fake forward's numbers
 
 
 def test_two_workers_compute_two_batches_at_once_and_answer_each_request():
@@ -286,7 +286,7 @@ def test_two_workers_compute_two_batches_at_once_and_answer_each_request():
     async def main():
         requests = [[seq(i, 3 + i % 4), seq(100 + i, 2)] for i in range(10)]
         results = await asyncio.gather(*(batcher.submit(r) for r in requests))
-        assert results == [[expected(ids) for ids in r] for r in requests]
+        assert results == [[expected(ids) for ids in r] for r in requests]  # exact: the fake forward's numbers
 
     run(main())
     assert batcher.stop(5) is True

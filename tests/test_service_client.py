@@ -61,9 +61,9 @@ def no_sleep(monkeypatch):
 def test_5xx_and_429_are_retried_honouring_retry_after(no_sleep):
     recorder = Recorder(httpx.Response(503), httpx.Response(429, headers={"Retry-After": "2"}), ok_scores)
     with RewardClient("http://rm", transport=httpx.MockTransport(recorder), retry=FAST) as client:
-        assert client.score(["abc"]).scores == [3.0]
+        assert client.score(["abc"]).scores == [3.0]  # exact: the mock's float(len(text))
     assert len(recorder.requests) == 3
-    assert no_sleep[1] == 2.0 and no_sleep[0] < 0.01
+    assert no_sleep[1] == 2.0 and no_sleep[0] < 0.01  # exact: Retry-After: 2, parsed
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 413, 422])
@@ -102,7 +102,7 @@ def test_a_connection_error_fails_over_to_the_next_replica(no_sleep):
 
     with RewardClient(["http://down", "http://up"], transport=httpx.MockTransport(handler), retry=FAST) as client:
         for _ in range(4):
-            assert client.score(["ab", "abcd"]).scores == [2.0, 4.0]
+            assert client.score(["ab", "abcd"]).scores == [2.0, 4.0]  # exact: the mock's numbers
 
 
 def test_items_are_sharded_across_replicas_and_merged_in_order():
@@ -110,7 +110,7 @@ def test_items_are_sharded_across_replicas_and_merged_in_order():
     urls = ["http://a:1", "http://b:2"]
     with RewardClient(urls, transport=httpx.MockTransport(recorder), max_items_per_request=2, api_key="k") as client:
         result = client.score(["a", "bb", {"prompt": "p", "response": "ccc"}, "dddd", "eeeee"])
-    assert result.scores == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert result.scores == [1.0, 2.0, 3.0, 4.0, 5.0]  # exact: the mock's float(len(text)), merged in order
     assert len(recorder.requests) == 3
     assert {r.url.host for r in recorder.requests} == {"a", "b"}
     assert all(r.headers["authorization"] == "Bearer k" for r in recorder.requests)
@@ -130,7 +130,7 @@ def test_async_client_retries_and_shards():
         ) as client:
             return await client.score(["x", "yy", "zzz"])
 
-    assert asyncio.run(main()).scores == [1.0, 2.0, 3.0]
+    assert asyncio.run(main()).scores == [1.0, 2.0, 3.0]  # exact: the mock's numbers
     assert len(recorder.requests) == 4
 
 
@@ -156,7 +156,7 @@ def test_reward_function_sends_trl_shapes_and_ignores_extra_columns(monkeypatch)
             log_extra=print,
         )
     )
-    assert plain == [1.0, 2.0]
+    assert plain == [1.0, 2.0]  # exact: the mock's numbers
     assert sent[-1] == {
         "items": [{"prompt": "p1", "response": "c"}, {"prompt": "p2", "response": "cc"}],
         "normalize": False,

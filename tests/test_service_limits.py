@@ -119,7 +119,7 @@ def test_a_failing_forward_fails_only_its_batch(controlled, tiny_reward_checkpoi
         poisoned, healthy, after, metrics = asyncio.run(main())
     assert poisoned.status_code == 500 and "injected fault" in poisoned.json()["detail"]
     assert healthy.status_code == 200 and after.status_code == 200
-    assert after.json()["scores"][0] == pytest.approx(healthy.json()["scores"][0], abs=1e-5)
+    assert after.json()["scores"][0] == pytest.approx(healthy.json()["scores"][0], abs=1e-4)  # in 2 vs alone
     assert metric_value(metrics, "reward_forward_failures_total") == 1
 
 

@@ -84,10 +84,10 @@ def test_the_client_waits_as_retry_after_says_and_nothing_is_lost(controlled, ti
                 return [await held, await filler], result, (await http.get("/metrics")).text
 
         (held, filler), result, metrics = asyncio.run(fill())
-    assert slept and slept[0] == 1.0  # the server's Retry-After (no batch finished yet, so its 1 s floor)
+    assert slept and slept[0] == 1.0  # the server's Retry-After, a whole number of seconds (its 1 s floor)
     assert metric_value(metrics, "reward_rejected_requests_total", {"reason": "overloaded"}) == len(slept)
     assert held.status_code == 200 and filler.status_code == 200 and len(filler.json()["scores"]) == 16
-    assert len(result.scores) == 2 and result.scores[0] == pytest.approx(held.json()["scores"][0], abs=1e-5)
+    assert len(result.scores) == 2 and result.scores[0] == pytest.approx(held.json()["scores"][0], abs=1e-4)
 
 
 def test_the_api_key_is_compared_in_constant_time(tiny_reward_checkpoint, monkeypatch):

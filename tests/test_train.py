@@ -166,7 +166,7 @@ def test_reloaded_checkpoint_reproduces_the_trainers_rewards(bert_run):
 def test_manifest_metrics_match_a_fresh_evaluation(bert_run):
     checkpoint = load_checkpoint(bert_run.output_dir)
     on_eval = evaluate_pairs(checkpoint, bert_run.eval_rows)
-    assert on_eval["accuracy"] == bert_run.manifest["eval"]["accuracy"]
+    assert on_eval["accuracy"] == bert_run.manifest["eval"]["accuracy"]  # exact: same function, checkpoint, rows
     assert on_eval["mean_margin"] == pytest.approx(bert_run.manifest["eval"]["mean_margin"], abs=1e-5)
     on_train = evaluate_pairs(checkpoint, bert_run.train_rows)
     assert on_train["normalization"]["mean"] == pytest.approx(bert_run.manifest["normalization"]["mean"], abs=1e-5)
