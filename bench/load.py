@@ -4,9 +4,9 @@ fixed arrival rate, both over keep-alive HTTP/1.1 connections on loopback.
 Two client implementations send byte-identical requests:
 
 - ``raw`` (the default): a minimal HTTP/1.1 keep-alive client on asyncio streams (uvloop when installed), one
-  connection per simulated worker. It costs about a tenth of httpx's CPU per request, which matters when the
-  load generator shares a 2-core machine with the server it measures: every millisecond it spends is taken from
-  the server. ``bench_process_cores`` in the report says how much it took;
+  connection per simulated worker. It costs far less CPU per request than httpx, which matters when the load
+  generator shares a small machine with the server it measures: every millisecond it spends is taken from the
+  server. ``bench_process_cores`` in the report says how much it took;
 - ``httpx``: ``httpx.AsyncClient`` with a connection pool as large as the concurrency, as a Python RLHF client
   would use.
 
@@ -17,6 +17,7 @@ measurement window (after the warm-up), so throughput is completed texts per sec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -179,10 +180,8 @@ class RawConnection:
     async def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            try:
+            with contextlib.suppress(OSError):
                 await self.writer.wait_closed()
-            except OSError:
-                pass
         self.reader = self.writer = None
 
 

@@ -1,8 +1,8 @@
 """Where the CPU went during a measurement: this process, the server process (and its event-loop thread), and
 everyone else on the machine (other developers, training runs), from psutil.
 
-On a shared 2-core machine this is what tells a real gap from a contaminated measurement: a scenario during which
-others used a core is not comparable to one during which they did not.
+On a shared machine with few cores this is what tells a real gap from a contaminated measurement: a scenario
+during which others used a core is not comparable to one during which they did not.
 """
 
 from __future__ import annotations
@@ -121,10 +121,18 @@ def wait_quiet(
 
 
 def describe_machine() -> dict[str, Any]:
+    """The machine a result came from: CPU model and instruction sets (:func:`service.hardware.describe_cpu`),
+    memory, library versions. Every report carries it: a figure without its CPU cannot be compared."""
+    from service.hardware import describe_cpu
+
+    cpu = describe_cpu()
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpus": cpu_count(),
+        "cpu_model": cpu["model"],
+        "isa": cpu["isa"],
+        "cpu": cpu,
     }
     info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
     try:  # the CPU's name and ISA extensions: Linux only
@@ -133,9 +141,7 @@ def describe_machine() -> dict[str, Any]:
         cpuinfo = []
     for line in cpuinfo:
         key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            info.setdefault("cpu_model", value.strip())
-        elif key.strip() == "flags":
+        if key.strip() == "flags":
             flags = set(value.split())
             wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni")
             info.setdefault("cpu_flags", [f for f in wanted if f in flags])

@@ -19,6 +19,14 @@ def _f(x: Any, digits: int = 1) -> str:
     return str(x)
 
 
+def cpu_line(machine: dict[str, Any]) -> str:
+    """The CPU a report's figures came from, e.g. ``AMD EPYC (x86_64, AVX512, avx512_bf16, no AMX), 2 CPUs``."""
+    from service.hardware import cpu_summary
+
+    cpu = machine.get("cpu") or {"model": machine.get("cpu_model", "?"), "usable_cpus": machine.get("cpus")}
+    return cpu_summary(cpu)
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     t = report["texts"]
@@ -29,7 +37,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{report['command']}` — started {report['started']}, {report['seconds']} s"
         + (f" — {report['label']}" if report.get("label") else ""),
         "",
-        f"- Machine: {m.get('cpu_model', '?')}, {m.get('cpus')} CPUs ({', '.join(m.get('cpu_flags', []))}), "
+        f"- Machine: {cpu_line(m)} ({', '.join(m.get('cpu_flags', []))}), "
         f"{m.get('memory_gib', '?')} GiB; torch {m.get('torch')} ({m.get('torch_threads')} threads), "
         f"transformers {m.get('transformers')}, uvicorn {m.get('uvicorn')}, Python {m.get('python')}",
         f"- Load: before the run {report['load_before']['busy_cores']} busy cores (loadavg "
@@ -46,7 +54,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"## {dtype}",
             "",
             "| scenario | what | texts/s | tokens/s | p50 ms | p95 ms | p99 ms | items/forward | padding eff. "
-            "| forward busy | padded tok/s in forward | × ceiling | × naive | server cores | loop cores | others' cores |",
+            "| forward busy | padded tok/s in forward | × ceiling | × naive | server cores | loop cores "
+            "| others' cores |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name in ORDER:
@@ -55,6 +64,7 @@ def markdown(report: dict[str, Any]) -> str:
             r = s[name]
             lat = r.get("latency_ms") or {}
             cpu = r.get("cpu") or {}
+            server_cores = cpu.get("server_cores", cpu.get("bench_process_cores"))
             errors = sum((r.get("errors") or {}).values())
             what = r["description"] + (f" ({errors} errors)" if errors else "")
             if (cpu.get("others_cores") or 0) > CONTAMINATED_CORES:
@@ -64,7 +74,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {_f(lat.get('p95'), 0)} | {_f(lat.get('p99'), 0)} | {_f(r.get('mean_items_per_forward'))} "
                 f"| {_f(r.get('padding_efficiency'), 2)} | {_f(r.get('forward_busy'), 2)} "
                 f"| {_f(r.get('forward_padded_tokens_per_s'), 0)} | {_f(r.get('ratio_to_ceiling'), 2)} "
-                f"| {_f(r.get('ratio_to_naive'), 2)} | {_f(cpu.get('server_cores', cpu.get('bench_process_cores')), 2)} "
+                f"| {_f(r.get('ratio_to_naive'), 2)} | {_f(server_cores, 2)} "
                 f"| {_f(cpu.get('server_main_thread_cores'), 2)} | {_f(cpu.get('others_cores'), 2)} |"
             )
         if "ceiling" in s:
@@ -100,7 +110,7 @@ def markdown(report: dict[str, Any]) -> str:
             )
         lines.append("")
     if report.get("targets"):
-        lines += ["## Targets (issue 5)", "", "| dtype | target | want | got | met |", "|---|---|---|---:|---|"]
+        lines += ["## Targets", "", "| dtype | target | want | got | met |", "|---|---|---|---:|---|"]
         for row in report["targets"]:
             lines.append(
                 f"| {row['dtype']} | {row['target']} | {row['want']} | {row['got']} | {'yes' if row['met'] else 'NO'} |"
@@ -138,7 +148,7 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
         values = [s[n]["texts_per_s"] if n in s else 0 for n in names]
         xs = [i + (k - (len(dtypes) - 1) / 2) * width for i in range(len(names))]
         bars = ax1.bar(xs, values, width, label=dtype)
-        for x, v in zip(xs, values):
+        for x, v in zip(xs, values, strict=True):
             if v:
                 ax1.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
         if "ceiling" in s:
@@ -163,8 +173,7 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     ax2.set_title("Latency per request (box: p25-p75, whiskers: p1-p99)")
     m = report["machine"]
     fig.suptitle(
-        f"{report['checkpoint'].get('name')} on {m.get('cpus')} x {m.get('cpu_model', 'CPU')}, "
-        f"{report['texts']['n']} texts, {report['started']}",
+        f"{report['checkpoint'].get('name')} on {cpu_line(m)}, {report['texts']['n']} texts, {report['started']}",
         fontsize=10,
     )
     fig.tight_layout()

@@ -24,6 +24,7 @@ ceiling and to the naive server, to ``--output`` (``bench/results/``) as ``bench
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -37,7 +38,7 @@ from typing import Any
 
 from bench import load as loadgen
 from bench.procstat import CpuProbe, describe_machine, sample_machine, wait_quiet
-from bench.report import CONTAMINATED_CORES
+from bench.report import CONTAMINATED_CORES, cpu_line
 from bench.servers import Server, batch_stats, naive_argv, parse_metrics, service_argv
 from bench.texts import DEFAULT_DATA, TextPool, held_out_pairs, load_pool
 
@@ -49,7 +50,7 @@ SERVICE_SCENARIOS = ("service_64x1", "service_4x64", "service_open")
 NAIVE_SCENARIOS = ("naive_64x1", "naive_4x64", "naive_open")
 ALL_SCENARIOS = ("ceiling",) + SERVICE_SCENARIOS + NAIVE_SCENARIOS
 
-# Targets of issue 5 (2-core CPU, MiniLM, fp32 unless said).
+# The project's performance goals, checked in every report (MiniLM reward model on a CPU, fp32 unless said).
 TARGETS = {
     "service_64x1_vs_ceiling": 0.90,
     "service_4x64_vs_ceiling": 0.95,
@@ -200,9 +201,8 @@ def resolve_checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
         "--seed",
         "0",
     ]
-    log(
-        f"no checkpoint given: training one for the benchmark (5 steps; the speed is the trained model's)\n$ {' '.join(cmd)}"
-    )
+    log("no checkpoint given: training one for the benchmark (5 steps; the speed is the trained model's)")
+    log(f"$ {' '.join(cmd)}")
     subprocess.run(cmd, cwd=REPO, check=True)
     return DEFAULT_CHECKPOINT
 
@@ -235,8 +235,8 @@ def run_ceiling(args: argparse.Namespace, checkpoint: Any, sequences: list[list[
     best = result["ceiling"]
     return {
         "kind": "in-process",
-        "description": f"model called directly, length-sorted batches of {best['batch_size']}, {layout(best['workers'])} "
-        "(best of the sweep)",
+        "description": f"model called directly, length-sorted batches of {best['batch_size']}, "
+        f"{layout(best['workers'])} (best of the sweep)",
         "texts_per_s": best["texts_per_s"],
         "tokens_per_s": best["tokens_per_s"],
         "latency_ms": None,
@@ -266,10 +266,14 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
     kind = name.split("_", 1)[1]
     lengths = pool.lengths or [0] * len(pool.items)
     url = server.url + "/score"
-    scrape = lambda: parse_metrics(server.get("/metrics"))
+
+    def scrape() -> dict[str, Any]:
+        return parse_metrics(server.get("/metrics"))
+
     if kind == "64x1":
         payloads = loadgen.build_payloads(pool.items, lengths, 1)
-        coro = lambda: loadgen.closed_loop(
+        coro = functools.partial(
+            loadgen.closed_loop,
             url,
             payloads,
             concurrency=args.clients,
@@ -282,7 +286,8 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
         description = f"{args.clients} closed-loop clients x 1 text per request"
     elif kind == "4x64":
         payloads = loadgen.build_payloads(pool.items, lengths, args.batch_texts)
-        coro = lambda: loadgen.closed_loop(
+        coro = functools.partial(
+            loadgen.closed_loop,
             url,
             payloads,
             concurrency=args.batch_clients,
@@ -296,7 +301,8 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
     else:
         payloads = loadgen.build_payloads(pool.items, lengths, 1)
         assert rate is not None
-        coro = lambda: loadgen.open_loop(
+        coro = functools.partial(
+            loadgen.open_loop,
             url,
             payloads,
             rate=rate,
@@ -335,13 +341,15 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
 
 def _clean(args: argparse.Namespace, measure, name: str) -> dict[str, Any]:
     """With --wait-quiet-s, measure again (up to --retries times) when others used the CPU meanwhile."""
-    for attempt in range(1 + (args.retries if args.wait_quiet_s > 0 else 0)):
+    attempts = 0
+    for _ in range(1 + (args.retries if args.wait_quiet_s > 0 else 0)):
+        attempts += 1
         result = measure()
         others = (result.get("cpu") or {}).get("others_cores") or 0.0
         if others <= CONTAMINATED_CORES:
             break
         log(f"  {name}: others used {others:.2f} cores meanwhile; measuring again")
-    result["attempts"] = attempt + 1
+    result["attempts"] = attempts
     return result
 
 
@@ -412,7 +420,7 @@ def _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early) -> dict[
         try:
             out[f"{which}_argv"] = argv[1:]
             for name in wanted:
-                scenarios[name] = _clean(args, lambda: run_load(args, server, name, pool, rate), name)
+                scenarios[name] = _clean(args, functools.partial(run_load, args, server, name, pool, rate), name)
                 if clock is not None:
                     scenarios[name]["ceiling_around"] = clock.tick([server.pid] if server.pid else [])
         finally:
@@ -426,8 +434,8 @@ def _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early) -> dict[
 class CeilingClock:
     """The ceiling's batch size timed again after every load scenario, in this process, while the server idles.
 
-    The speed of this virtual machine drifts by 10-15 % over minutes with nothing else running, so one ceiling timed
-    before all scenarios can be too high or too low for a scenario run minutes later. Each scenario is compared with
+    A virtual machine's speed drifts over minutes even with nothing else running, so one ceiling timed before all
+    scenarios can be too high or too low for a scenario run minutes later. Each scenario is compared with
     the mean of the ceiling timings just before and just after it; the ceiling row reports the mean of all timings.
     """
 
@@ -503,13 +511,15 @@ def cross_dtype(runs: dict[str, Any]) -> dict[str, Any]:
             flips = sum(
                 (c1 > r1) != (c0 > r0)
                 for c1, r1, c0, r0 in zip(
-                    a["chosen_scores"], a["rejected_scores"], b["chosen_scores"], b["rejected_scores"]
+                    a["chosen_scores"], a["rejected_scores"], b["chosen_scores"], b["rejected_scores"], strict=True
                 )
             )
             entry["preference_flips"] = flips
             entry["max_abs_score_diff"] = max(
                 abs(x - y)
-                for x, y in zip(a["chosen_scores"] + a["rejected_scores"], b["chosen_scores"] + b["rejected_scores"])
+                for x, y in zip(
+                    a["chosen_scores"] + a["rejected_scores"], b["chosen_scores"] + b["rejected_scores"], strict=True
+                )
             )
         out[dtype] = entry
     return out
@@ -566,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args.output.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    machine = describe_machine()
+    log(f"CPU: {cpu_line(machine)}")
     load_before = sample_machine(1.0)
     log(f"machine before the run: {load_before}")
     with tempfile.TemporaryDirectory(prefix="reward-bench-") as scratch:
@@ -586,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "label": args.label,
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
             "seconds": round(time.time() - started, 1),
-            "machine": describe_machine(),
+            "machine": machine,
             "load_before": load_before,
             "load_after": sample_machine(1.0),
             "checkpoint": {
@@ -608,6 +620,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bench.report import write_all
 
     paths = write_all(report, args.output)
-    log(f"machine after the run: {report['load_after']}")
+    log(f"machine after the run: {report['load_after']} (CPU: {cpu_line(machine)})")
     log("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -157,8 +157,9 @@ def plan_threads(
     """Split the CPU among inference workers unless told otherwise.
 
     On a CPU the default is two workers sharing torch's threads (``OMP_NUM_THREADS``, else the physical cores):
-    on 2 cores two forwards of one thread each ran 6-12 % faster than one forward of two threads, and a request's
-    HTTP work preempts one worker instead of stalling both threads of one forward at their next barrier. With
+    two forwards with half the threads each outrun one forward with all of them (no barrier between the halves),
+    and a request's HTTP work preempts one worker instead of stalling every thread of one forward at its next
+    barrier (docs/benchmarks.md, "Design decisions"). With
     ``threads`` given, as many workers (at most two) as fit in torch's threads. A GPU gets one worker.
     """
     if device.startswith("cuda"):

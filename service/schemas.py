@@ -149,6 +149,20 @@ class GetRewardResponse(BaseModel):
     )
 
 
+class CpuInfo(BaseModel):
+    """The CPU the service runs on (:func:`service.hardware.describe_cpu`): speeds and the bfloat16 advice depend
+    on it."""
+
+    model: str = Field(description="the CPU's name, from /proc/cpuinfo or torch's CPU detection")
+    architecture: str = Field(description="x86_64, aarch64, ...")
+    isa: str = Field(description="the widest vector instruction set torch's kernels use: DEFAULT, AVX2, AVX512, ...")
+    amx: bool = Field(description="matrix units for bfloat16 (Intel AMX)")
+    avx512_bf16: bool = Field(description="AVX-512 bfloat16 instructions")
+    physical_cores: int | None = Field(None, description="physical cores of the machine")
+    logical_cpus: int | None = Field(None, description="logical CPUs of the machine")
+    usable_cpus: int = Field(description="CPUs this process may run on (a container's share)")
+
+
 class InfoResponse(BaseModel):
     model: str
     model_version: str
@@ -163,6 +177,7 @@ class InfoResponse(BaseModel):
     batching: dict[str, Any]
     limits: dict[str, Any]
     ready: bool
+    cpu: CpuInfo
 
 
 class SlimeRewardRequest(BaseModel):

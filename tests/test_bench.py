@@ -82,7 +82,12 @@ def test_ratios_batching_and_outputs(smoke_report):
     assert run["scenarios"]["naive_64x1"]["mean_items_per_forward"] == 1  # exact: items / forwards, two counts
     assert {t["target"] for t in report["targets"]} >= {"service_64x1_vs_ceiling", "service_4x64_vs_naive"}
     assert report["texts"]["n"] > 0 and report["machine"]["cpus"] >= 1
+    from service.hardware import describe_cpu
+
+    cpu = describe_cpu()  # every result names the CPU it came from: model and instruction set
+    assert report["machine"]["cpu"] == cpu and report["machine"]["isa"] == cpu["isa"]
     table = (out / "bench.md").read_text()
+    assert f"- Machine: {cpu['model']} ({cpu['architecture']}, {cpu['isa']}" in table
     for name in SCENARIOS:
         assert f"| {name} |" in table
     png = out / "bench.png"

@@ -126,6 +126,10 @@ def test_get_reward_speaks_openrlhf_and_agrees_with_score(client):
 
 
 def test_probes_info_metrics_and_docs(client):
+    import torch
+
+    from service.hardware import describe_cpu
+
     assert client.get("/healthz").json()["status"] == "alive"
     assert client.get("/readyz").json()["status"] == "ready"
     info = client.get("/info").json()
@@ -133,6 +137,8 @@ def test_probes_info_metrics_and_docs(client):
     assert info["dtype"] == "float32" and info["device"] == "cpu"
     assert info["formatting"]["architecture"] == "encoder" and info["formatting"]["max_length"] == 64
     assert info["normalization"] == NORMALIZATION  # the manifest's numbers, read back, not computed
+    assert info["cpu"] == describe_cpu() and info["cpu"]["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert info["cpu"]["model"] and info["cpu"]["usable_cpus"] >= 1
     assert info["batching"]["max_batch_tokens"] == 1024 and info["batching"]["max_wait_ms"] == 1  # fp32-on-CPU default
     plan = plan_threads("cpu")
     assert (info["batching"]["inference_workers"], info["batching"]["torch_threads_per_worker"]) == (

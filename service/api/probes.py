@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from service.api.common import runtime_of
+from service.hardware import describe_cpu
 from service.lifecycle import Phase
 from service.schemas import InfoResponse
 
@@ -69,6 +70,7 @@ async def info(request: Request) -> InfoResponse:
             "api_key_required": s.api_key is not None,
         },
         ready=runtime.lifecycle.ready,
+        cpu=describe_cpu(),
     )
 
 
