@@ -24,12 +24,13 @@ def cpu_capabilities() -> Mapping[str, Any]:
     return get() if get is not None else {}
 
 
-def fast_bf16_matmul(capabilities: Mapping[str, Any] | None = None) -> bool:
-    """Whether this CPU has matrix units for bfloat16 (Intel AMX): only then do bfloat16 forwards gain from batches
-    twice as large as float32's. AVX-512 BF16 alone (e.g. AMD Zen 4/5) converts and multiplies at vector width, which
-    does not make larger batches pay (docs/benchmarks.md, "Design decisions")."""
+def matrix_units(dtype: str, capabilities: Mapping[str, Any] | None = None) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices in dedicated matrix units (Intel AMX: ``amx_bf16`` for
+    bfloat16, ``amx_fp16`` for float16). Only there do half-precision forwards keep getting cheaper per token with
+    batches twice as large as float32's (docs/benchmarks.md, "Batch budget")."""
     caps = cpu_capabilities() if capabilities is None else capabilities
-    return bool(caps.get("amx_bf16") and caps.get("amx_tile"))
+    unit = {"bfloat16": "amx_bf16", "float16": "amx_fp16"}.get(dtype)
+    return bool(unit and caps.get(unit) and caps.get("amx_tile"))
 
 
 def _model_name() -> str | None:
@@ -61,7 +62,7 @@ def describe_cpu() -> dict[str, Any]:
         "model": _model_name() or caps.get("cpu_name") or platform.processor() or "unknown",
         "architecture": platform.machine(),
         "isa": torch.backends.cpu.get_cpu_capability(),
-        "amx": fast_bf16_matmul(caps),
+        "amx": matrix_units("bfloat16", caps),
         "avx512_bf16": bool(caps.get("avx512_bf16")),
         "physical_cores": caps.get("num_physical_cores"),
         "logical_cpus": caps.get("num_logical_cores") or os.cpu_count(),

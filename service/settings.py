@@ -6,6 +6,7 @@ Every field is a command-line flag (``--max-batch-tokens 2048``) and an environm
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -16,9 +17,22 @@ Device = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
-# Default padded tokens per forward pass, measured with `python -m bench` on the 2-core CPU (docs/benchmarks.md).
-CPU_BATCH_TOKENS = {"float32": 1024, "bfloat16": 2048, "float16": 2048}
+# Default padded tokens per forward pass (docs/benchmarks.md, "Batch budget"). On a CPU a float32 forward is no
+# cheaper per token at ~16 texts of hh-rlhf length than at ~8, and with few requests waiting the smaller batches pad
+# less. Half precision keeps getting cheaper per token with larger batches only where the CPU multiplies it in
+# matrix units (AMX), so it gets twice the budget there and float32's elsewhere. A GPU wants far larger batches
+# (text-embeddings-inference's default).
+CPU_BATCH_TOKENS = 1024
+CPU_MATRIX_UNIT_BATCH_TOKENS = 2048
 GPU_BATCH_TOKENS = 16384
+
+
+def cpu_batch_tokens(dtype: str, capabilities: Mapping[str, Any] | None = None) -> int:
+    """The default budget on a CPU for ``dtype``; ``capabilities`` as ``torch.cpu.get_capabilities()`` reports them
+    (this CPU's when omitted)."""
+    from service.hardware import matrix_units
+
+    return CPU_MATRIX_UNIT_BATCH_TOKENS if matrix_units(dtype, capabilities) else CPU_BATCH_TOKENS
 
 
 class ServeSettings(BaseSettings):
@@ -80,8 +94,8 @@ class ServeSettings(BaseSettings):
     max_batch_tokens: int | None = Field(
         None,
         ge=1,
-        description="padded tokens per forward pass (longest item x items); default: 1024 for float32 and 2048 for "
-        "bfloat16/float16 on a CPU (the best measured on 2 cores), 16384 on a GPU",
+        description="padded tokens per forward pass (longest item x items); default on a CPU: 1024, and 2048 for "
+        "bfloat16/float16 where the CPU has matrix units for them (AMX); 16384 on a GPU",
     )
     max_batch_size: int = Field(32, ge=1, description="items per forward pass")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a short queue waits for more items before a forward")
@@ -120,18 +134,13 @@ class ServeSettings(BaseSettings):
             )
         return self
 
-    def batch_tokens_for(self, device: str, dtype: str) -> int:
-        """``max_batch_tokens`` as set, else the default for where and how the model runs (within the queue's limit).
-
-        On a 2-core CPU a float32 forward runs as fast per token at about 8 texts of median length (~1,000 padded
-        tokens) as at 16, and the smaller batches pad less when few requests wait; bfloat16 (AMX) keeps gaining up
-        to 16-32 texts. A GPU wants far larger batches (TEI's default)."""
+    def batch_tokens_for(self, device: str, dtype: str, capabilities: Mapping[str, Any] | None = None) -> int:
+        """``max_batch_tokens`` as set, else the default for where and how the model runs (within the queue's limit):
+        on a CPU it depends on the dtype and on whether the CPU has matrix units for it (``capabilities``: this
+        CPU's when omitted), see :func:`cpu_batch_tokens`."""
         if self.max_batch_tokens is not None:
             return self.max_batch_tokens
-        if device.startswith("cuda"):
-            tokens = GPU_BATCH_TOKENS
-        else:
-            tokens = CPU_BATCH_TOKENS.get(dtype, CPU_BATCH_TOKENS["float32"])
+        tokens = GPU_BATCH_TOKENS if device.startswith("cuda") else cpu_batch_tokens(dtype, capabilities)
         return min(tokens, self.max_queue_tokens)
 
     def public_dict(self) -> dict[str, Any]:

@@ -313,14 +313,22 @@ def test_every_setting_is_a_flag_and_an_environment_variable(monkeypatch):
     assert main(["--model", "m", "--dtype", "float64"]) == 2
 
 
-def test_default_batch_tokens_follow_the_device_and_dtype():
-    from service.settings import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
+def test_default_batch_tokens_follow_the_device_the_dtype_and_the_cpu():
+    from service.settings import GPU_BATCH_TOKENS
 
+    amx = {"amx_tile": True, "amx_bf16": True, "amx_int8": True, "avx512_bf16": True, "avx512_f": True}
+    avx512_bf16 = {"amx_tile": False, "amx_bf16": False, "avx512_bf16": True, "avx512_f": True}  # e.g. AMD Zen 4/5
+    avx2 = {"avx2": True}
     settings = make_settings("ckpt")
     assert settings.max_batch_tokens is None
-    assert settings.batch_tokens_for("cpu", "float32") == CPU_BATCH_TOKENS["float32"] == 1024
-    assert settings.batch_tokens_for("cpu", "bfloat16") == CPU_BATCH_TOKENS["bfloat16"] == 2048
-    assert settings.batch_tokens_for("cuda:0", "float16") == GPU_BATCH_TOKENS
+    for cpu in (amx, avx512_bf16, avx2):
+        assert settings.batch_tokens_for("cpu", "float32", cpu) == 1024
+    assert settings.batch_tokens_for("cpu", "bfloat16", amx) == 2048  # matrix units: bigger batches pay
+    assert settings.batch_tokens_for("cpu", "bfloat16", avx512_bf16) == 1024
+    assert settings.batch_tokens_for("cpu", "bfloat16", avx2) == 1024
+    assert settings.batch_tokens_for("cpu", "float16", amx) == 1024  # AMX-BF16 alone does not multiply float16
+    assert settings.batch_tokens_for("cpu", "float16", amx | {"amx_fp16": True}) == 2048
+    assert settings.batch_tokens_for("cuda:0", "float16", amx) == GPU_BATCH_TOKENS
     assert make_settings("ckpt", max_queue_tokens=512).batch_tokens_for("cuda:0", "float16") == 512  # queue holds one
     assert make_settings("ckpt", max_batch_tokens=4096).batch_tokens_for("cpu", "float32") == 4096  # as set wins
 
