@@ -79,7 +79,8 @@ def markdown(report: dict[str, Any]) -> str:
             )
         if "ceiling" in s:
             sweep = ", ".join(
-                f"{k} {v['texts_per_s']:.1f}/s (pad eff {v['padding_efficiency']:.2f})"
+                f"{k} {v['texts_per_s']:.1f}/s (pad eff {v['padding_efficiency']:.2f}"
+                + (f", {v['texts_per_cpu_s']:.1f} per CPU-second)" if v.get("texts_per_cpu_s") else ")")
                 for k, v in s["ceiling"]["sweep"].items()
             )
             lines += ["", f"Ceiling sweep (in-process, texts/s): {sweep}."]

@@ -94,6 +94,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "divided among them (the service's --inference-workers; default 1,2)",
     )
     p.add_argument(
+        "--ceiling-references",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time one text at a time and unsorted batches (default); --no-ceiling-references skips them",
+    )
+    p.add_argument(
         "--ceiling-min-s",
         type=float,
         default=None,
@@ -225,6 +231,7 @@ def run_ceiling(args: argparse.Namespace, checkpoint: Any, sequences: list[list[
         sequences,
         batch_sizes=sizes,
         workers=workers,
+        references=args.ceiling_references,
         unsorted_size=args.batch_texts,
         log=log,
         before_pass=lambda: quiet(args),
