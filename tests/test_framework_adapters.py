@@ -208,7 +208,7 @@ def test_coalescer_sends_a_lone_call_at_once_and_joins_calls_that_wait():
         client.release.set()
         results = await asyncio.gather(first, *later)
         assert client.requests == [["a"], ["bb", "ccc", "dddd"]]
-        assert results == [[1.0], [2.0], [3.0], [4.0]]
+        assert results == [[1.0], [2.0], [3.0], [4.0]]  # exact: the fake client's numbers, routed back
         # a failed request fails every call that was in it
         client.fail = RuntimeError("boom")
         calls = [coalescer.score([{"text": "x"}]), coalescer.score([{"text": "y"}])]
