@@ -348,12 +348,13 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
 
 def _clean(args: argparse.Namespace, measure, name: str) -> dict[str, Any]:
     """With --wait-quiet-s, measure again (up to --retries times) when others used the CPU meanwhile."""
+    tries = 1 + (args.retries if args.wait_quiet_s > 0 else 0)
     attempts = 0
-    for _ in range(1 + (args.retries if args.wait_quiet_s > 0 else 0)):
+    for _ in range(tries):
         attempts += 1
         result = measure()
         others = (result.get("cpu") or {}).get("others_cores") or 0.0
-        if others <= CONTAMINATED_CORES:
+        if others <= CONTAMINATED_CORES or attempts == tries:
             break
         log(f"  {name}: others used {others:.2f} cores meanwhile; measuring again")
     result["attempts"] = attempts
