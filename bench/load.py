@@ -100,16 +100,44 @@ def _pct(ordered: Sequence[float], p: float) -> float | None:
     return round(1000 * ordered[rank], 2)
 
 
-def build_payloads(items: Sequence[dict[str, Any]], lengths: Sequence[int], per_request: int) -> list[Payload]:
-    """Request bodies of ``per_request`` consecutive items each, wrapping around the pool, covering it once."""
+def build_payloads(
+    items: Sequence[dict[str, Any]],
+    lengths: Sequence[int],
+    per_request: int,
+    *,
+    api: str = "service",
+    max_length: int | None = None,
+) -> list[Payload]:
+    """Request bodies of ``per_request`` consecutive items each, wrapping around the pool, covering it once.
+
+    ``api``: ``service`` (this service's and the naive server's ``/score``) or ``vllm`` (vLLM's ``/classify``: the
+    same texts, the raw logit (``use_activation: false``), truncated to ``max_length`` tokens like the service)."""
     n = len(items)
     count = max(1, -(-n // per_request))
     out = []
     for j in range(count):
         idx = [(j * per_request + k) % n for k in range(per_request)]
-        body = json.dumps({"items": [items[i] for i in idx], "normalize": False}).encode()
-        out.append(Payload(body, per_request, sum(lengths[i] for i in idx)))
+        if api == "vllm":
+            request: dict[str, Any] = {
+                "model": "rm",
+                "input": [item_text(items[i]) for i in idx],
+                "use_activation": False,
+            }
+            if max_length is not None:
+                request["truncate_prompt_tokens"] = max_length
+        else:
+            request = {"items": [items[i] for i in idx], "normalize": False}
+        out.append(Payload(json.dumps(request).encode(), per_request, sum(lengths[i] for i in idx)))
     return out
+
+
+def item_text(item: dict[str, Any]) -> str:
+    """The text the service scores for a ``text`` or ``prompt`` + ``response`` item (the formatter's concatenation)."""
+    if item.get("text") is not None:
+        return item["text"]
+    if item.get("prompt") is not None and item.get("response") is not None:
+        return item["prompt"] + item["response"]
+    raise ValueError("only text and prompt + response items can be sent to a text-only API")
 
 
 # -- clients -----------------------------------------------------------------------------------------------------
@@ -250,7 +278,8 @@ async def _send(
     try:
         status, data = await asyncio.wait_for(pool.post(payload.body), timeout)
         if status == 200:
-            scores = json.loads(data)["scores"]
+            answer = json.loads(data)
+            scores = answer["scores"] if "scores" in answer else answer["data"]  # the service's, or vLLM's
             ok = len(scores) == payload.texts
             if not ok:
                 errors["wrong_count"] = errors.get("wrong_count", 0) + 1

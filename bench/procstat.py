@@ -60,7 +60,7 @@ class CpuProbe:
         self._own = time.process_time()
         self._machine = _machine_times()
         self._servers = [_process_seconds(p) for p in self.server_pids]
-        self._mains = [_main_thread_seconds(p) for p in self.server_pids]
+        self._mains = [_main_thread_seconds(p) for p in self.server_pids[:1]]  # the server's own event loop
 
     def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self._wall
@@ -69,7 +69,7 @@ class CpuProbe:
         server_cores = 0.0
         if self.server_pids:
             servers = [_process_seconds(p) for p in self.server_pids]
-            mains = [_main_thread_seconds(p) for p in self.server_pids]
+            mains = [_main_thread_seconds(p) for p in self.server_pids[:1]]
             if all(v is not None for v in servers + self._servers):
                 server_cores = sum(b - a for a, b in zip(self._servers, servers, strict=True)) / wall  # type: ignore[operator]
                 out["server_cores"] = round(server_cores, 3)

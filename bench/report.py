@@ -8,7 +8,18 @@ from pathlib import Path
 from typing import Any
 
 CONTAMINATED_CORES = 0.3  # others' CPU above which a scenario is flagged as measured on a shared machine
-ORDER = ("ceiling", "service_64x1", "service_4x64", "service_open", "naive_64x1", "naive_4x64", "naive_open")
+ORDER = (
+    "ceiling",
+    "service_64x1",
+    "service_4x64",
+    "service_open",
+    "naive_64x1",
+    "naive_4x64",
+    "naive_open",
+    "vllm_64x1",
+    "vllm_4x64",
+    "vllm_open",
+)
 
 
 def _f(x: Any, digits: int = 1) -> str:
@@ -97,6 +108,7 @@ def markdown(report: dict[str, Any]) -> str:
                     f"(texts/s): {around}. Each scenario's × ceiling uses the mean of the timings just "
                     f"before and after it; the ceiling row shows the mean of all {len(c['timings'])}.",
                 ]
+        lines += peer_table(run)
         if "accuracy" in run:
             a = run["accuracy"]
             lines += ["", f"Held-out accuracy ({a['n']} pairs, {a['source']}): {a['accuracy']:.4f}."]
@@ -129,6 +141,45 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def peer_table(run: dict[str, Any]) -> list[str]:
+    """The service against vLLM, pair by pair in the order they ran (interleaved), with each pair's ratio."""
+    s = run["scenarios"]
+    pairs = [
+        (name, name.replace("service_", "vllm_", 1))
+        for name in s
+        if name.startswith("service_") and name.replace("service_", "vllm_", 1) in s
+    ]
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "Against vLLM (the pairs ran back to back, in this order):",
+        "",
+        "| load | service texts/s | vLLM texts/s | × vLLM | service p50 / p99 ms | vLLM p50 / p99 ms "
+        "| others' cores (service, vLLM) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for ours, theirs in pairs:
+        a, b = s[ours], s[theirs]
+        la, lb = a.get("latency_ms") or {}, b.get("latency_ms") or {}
+        lines.append(
+            f"| {ours.removeprefix('service_')} | {_f(a['texts_per_s'])} | {_f(b['texts_per_s'])} "
+            f"| {_f(a.get('ratio_to_vllm'), 2)} | {_f(la.get('p50'), 0)} / {_f(la.get('p99'), 0)} "
+            f"| {_f(lb.get('p50'), 0)} / {_f(lb.get('p99'), 0)} "
+            f"| {_f((a.get('cpu') or {}).get('others_cores'), 2)}, {_f((b.get('cpu') or {}).get('others_cores'), 2)} |"
+        )
+    if "vllm_scores" in run:
+        v = run["vllm_scores"]
+        lines += [
+            "",
+            f"vLLM's raw logits for the first {v['texts']} texts against the checkpoint's own scores: largest "
+            f"difference {_f(v['max_abs_diff'], 8)} on texts within the max length; "
+            f"{_f(v['max_abs_diff_truncated'], 4)} on the {v['truncated_texts']} longer ones (vLLM's "
+            "truncate_prompt_tokens cuts them elsewhere than the checkpoint's recipe; the cost is the same).",
+        ]
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> Path | None:

@@ -13,7 +13,11 @@ For each dtype, in this order, with nothing else of ours running at the same tim
 4. ``service_open``: the service at a fixed arrival rate of one-text requests (half the ceiling by default), for
    latency percentiles under a load it can sustain;
 5. ``naive_64x1``, ``naive_4x64``, ``naive_open``: the same three against :mod:`bench.naive_server`, a server
-   built the way OpenRLHF's ``serve_rm`` is.
+   built the way OpenRLHF's ``serve_rm`` is;
+6. ``vllm_64x1``, ``vllm_4x64``, ``vllm_open`` (only when asked for in ``--scenarios``): the same loads against
+   vLLM's OpenAI-compatible server (``/classify``, raw logits) started from the peer venv that ``make bench-peers``
+   builds. They run interleaved with the service's: service_64x1, vllm_64x1, service_4x64, vllm_4x64, ...,
+   ``--repeats`` times, both servers up throughout, so that drift and others' load fall on both alike.
 
 Reports texts/s, real tokens/s, p50/p95/p99 latency, mean items and padding efficiency per forward (the service's
 ``/metrics``), CPU use of the server, of this process and of everyone else on the machine, and the ratios to the
@@ -28,6 +32,7 @@ import functools
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +44,16 @@ from typing import Any
 from bench import load as loadgen
 from bench.procstat import CpuProbe, describe_machine, sample_machine, wait_quiet
 from bench.report import CONTAMINATED_CORES, cpu_line
-from bench.servers import Server, batch_stats, naive_argv, parse_metrics, service_argv
+from bench.servers import (
+    PEERS_PYTHON,
+    Server,
+    batch_stats,
+    naive_argv,
+    parse_metrics,
+    service_argv,
+    vllm_argv,
+    vllm_env,
+)
 from bench.texts import DEFAULT_DATA, TextPool, held_out_pairs, load_pool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +62,9 @@ DEFAULT_OUTPUT = REPO / "bench" / "results"
 
 SERVICE_SCENARIOS = ("service_64x1", "service_4x64", "service_open")
 NAIVE_SCENARIOS = ("naive_64x1", "naive_4x64", "naive_open")
-ALL_SCENARIOS = ("ceiling",) + SERVICE_SCENARIOS + NAIVE_SCENARIOS
+VLLM_SCENARIOS = ("vllm_64x1", "vllm_4x64", "vllm_open")
+DEFAULT_SCENARIOS = ("ceiling",) + SERVICE_SCENARIOS + NAIVE_SCENARIOS
+ALL_SCENARIOS = DEFAULT_SCENARIOS + VLLM_SCENARIOS
 
 # The project's performance goals, checked in every report (MiniLM reward model on a CPU, fp32 unless said).
 TARGETS = {
@@ -85,7 +101,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="hh-rlhf jsonl (demo pairs when absent)")
     p.add_argument("--duration-s", type=float, default=20.0, help="measured seconds per load scenario")
     p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each load scenario")
-    p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS), help="comma-separated subset to run")
+    p.add_argument(
+        "--scenarios",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma-separated, from {', '.join(ALL_SCENARIOS)} (default: all but vllm_*)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="with vllm_* scenarios: how many times each service/vLLM pair runs, interleaved (the second run of "
+        "service_64x1 is reported as service_64x1#2)",
+    )
+    p.add_argument(
+        "--peer-python",
+        type=Path,
+        default=PEERS_PYTHON,
+        help="the Python of the venv with vLLM (default .venv-peers/bin/python, made by `make bench-peers`)",
+    )
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG", help="extra vLLM server argument")
     p.add_argument("--ceiling-batch-sizes", default="4,8,16,32,64", help="sorted batch sizes of the ceiling sweep")
     p.add_argument(
         "--ceiling-workers",
@@ -174,6 +208,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.scenario_list) - set(ALL_SCENARIOS)
     if unknown:
         p.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(ALL_SCENARIOS)}")
+    if any(n in VLLM_SCENARIOS for n in args.scenario_list) and not args.peer_python.is_file():
+        p.error(f"vllm scenarios need vLLM in {args.peer_python}: run `make bench-peers` (or pass --peer-python)")
     if args.accuracy_pairs is None:
         args.accuracy_pairs = 300 if len(args.dtypes) > 1 and not args.smoke else 0
     return args
@@ -213,11 +249,50 @@ def resolve_checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
     return DEFAULT_CHECKPOINT
 
 
+def check_peer_scores(server: Server, pool: TextPool, checkpoint: Any, n: int = 16) -> dict[str, Any]:
+    """The peer's scores for the first ``n`` texts against the checkpoint's own (in-process, torch): the same model
+    must give the same scores, or the comparison is not of like with like."""
+    import urllib.request
+
+    from training.checkpoint import forward_scores
+
+    items = pool.items[:n]
+    body = json.dumps(
+        {
+            "model": "rm",
+            "input": [loadgen.item_text(i) for i in items],
+            "use_activation": False,
+            "truncate_prompt_tokens": pool.max_length,
+        }
+    ).encode()
+    request = urllib.request.Request(server.url + "/classify", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        data = json.loads(response.read())
+    got = [row["probs"][0] for row in data["data"]]
+    encoded = [checkpoint.formatter.encode(i) for i in items]
+    want = [forward_scores(checkpoint, [e.input_ids])[0] for e in encoded]
+    diffs = [abs(a - b) for a, b in zip(got, want, strict=True)]
+    whole = [d for d, e in zip(diffs, encoded, strict=True) if not e.truncated]
+    cut = [d for d, e in zip(diffs, encoded, strict=True) if e.truncated]
+    result = {
+        "texts": len(items),
+        "max_abs_diff": max(whole, default=None),  # texts within the max length: the same tokens on both sides
+        "truncated_texts": len(cut),
+        "max_abs_diff_truncated": max(cut, default=None),  # vLLM cuts long texts elsewhere than the recipe does
+    }
+    log(
+        f"  vllm scores vs the checkpoint's: largest difference {result['max_abs_diff']} over {len(whole)} whole "
+        f"texts, {result['max_abs_diff_truncated']} over {len(cut)} truncated ones"
+    )
+    return result
+
+
 # -- scenarios ---------------------------------------------------------------------------------------------------
 def tokenize_pool(pool: TextPool, checkpoint: Any) -> list[list[int]]:
     encoded = [checkpoint.formatter.encode(item) for item in pool.items]
     pool.lengths = [len(e.input_ids) for e in encoded]
     pool.truncated = sum(e.truncated for e in encoded)
+    pool.max_length = checkpoint.formatter.recipe.max_length
     return [e.input_ids for e in encoded]
 
 
@@ -270,15 +345,19 @@ def accuracy_check(checkpoint: Any, rows: list[dict[str, Any]]) -> dict[str, Any
 
 
 def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool, rate: float | None) -> dict[str, Any]:
-    kind = name.split("_", 1)[1]
+    which, kind = name.split("#", 1)[0].split("_", 1)
     lengths = pool.lengths or [0] * len(pool.items)
-    url = server.url + "/score"
+    api = "vllm" if which == "vllm" else "service"
+    url = server.url + ("/classify" if api == "vllm" else "/score")
 
-    def scrape() -> dict[str, Any]:
+    def scrape() -> dict[str, float]:
         return parse_metrics(server.get("/metrics"))
 
+    def build(per_request: int) -> list[loadgen.Payload]:
+        return loadgen.build_payloads(pool.items, lengths, per_request, api=api, max_length=pool.max_length)
+
     if kind == "64x1":
-        payloads = loadgen.build_payloads(pool.items, lengths, 1)
+        payloads = build(1)
         coro = functools.partial(
             loadgen.closed_loop,
             url,
@@ -292,7 +371,7 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
         )
         description = f"{args.clients} closed-loop clients x 1 text per request"
     elif kind == "4x64":
-        payloads = loadgen.build_payloads(pool.items, lengths, args.batch_texts)
+        payloads = build(args.batch_texts)
         coro = functools.partial(
             loadgen.closed_loop,
             url,
@@ -306,7 +385,7 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
         )
         description = f"{args.batch_clients} closed-loop clients x {args.batch_texts} texts per request"
     else:
-        payloads = loadgen.build_payloads(pool.items, lengths, 1)
+        payloads = build(1)
         assert rate is not None
         coro = functools.partial(
             loadgen.open_loop,
@@ -319,9 +398,10 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
             scrape=scrape,
         )
         description = f"open loop: one-text requests at a fixed {rate:.1f}/s"
-    quiet(args, [server.pid] if server.pid else [])
+    pids = server.process_tree()  # vLLM computes in child processes: their CPU is the server's, not others'
+    quiet(args, pids)
     before = parse_metrics(server.get("/metrics"))
-    probe = CpuProbe([server.pid] if server.pid else [])
+    probe = CpuProbe(pids)
     result = loadgen.run(coro)
     cpu = probe.stop()
     after = parse_metrics(server.get("/metrics"))
@@ -333,7 +413,7 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
     if stats is None or stats.get("mean_items_per_forward") is None:
         # no window snapshots, or no forward ended inside a very short window: the whole run, warm-up included
         stats = batch_stats(before, after, seconds=cpu["wall_s"])
-    out = {"kind": name.split("_", 1)[0], "description": description, **summary, **stats, "cpu": cpu}
+    out = {"kind": which, "description": description, **summary, **stats, "cpu": cpu}
     if rate is not None and kind == "open":
         out["offered_rate"] = rate
     lat = out["latency_ms"]
@@ -381,6 +461,12 @@ def run_dtype(args: argparse.Namespace, checkpoint_dir: Path, dtype: str, pool: 
         "naive": (NAIVE_SCENARIOS, naive_argv(checkpoint_dir, dtype, args.naive_arg)),
     }
     early: dict[str, Server] = {}
+    if any(n in args.scenario_list for n in VLLM_SCENARIOS):
+        argv = vllm_argv(checkpoint_dir, dtype, _max_length(checkpoint_dir), args.peer_python, args.vllm_arg)
+        servers["vllm"] = (VLLM_SCENARIOS, argv)
+        # Its first start compiles for a minute or more: started now, ready by the time the ceiling is measured.
+        early["vllm"] = Server("vllm", argv, logs / f"vllm-{dtype}.log", env=vllm_env(), ready_path="/health")
+        early["vllm"].launch()
     if args.smoke:  # numbers do not matter: start both servers now, in parallel with the ceiling, to save time
         for which, (names, argv) in servers.items():
             if any(n in args.scenario_list for n in names) and not (which == "service" and args.service_url):
@@ -392,6 +478,13 @@ def run_dtype(args: argparse.Namespace, checkpoint_dir: Path, dtype: str, pool: 
             server.stop()
 
 
+def _max_length(checkpoint_dir: Path) -> int:
+    """The checkpoint's truncation length, for a peer server's maximum model length."""
+    from training.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint_dir, device="cpu").formatter.recipe.max_length
+
+
 def _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early) -> dict[str, Any]:
     from training.checkpoint import load_checkpoint
 
@@ -399,6 +492,11 @@ def _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early) -> dict[
     sequences = tokenize_pool(pool, checkpoint)
     scenarios: dict[str, Any] = {}
     out: dict[str, Any] = {"dtype": dtype, "scenarios": scenarios}
+    if "vllm" in early:
+        t0 = time.perf_counter()
+        early["vllm"].wait_ready(timeout=900)  # before any timing: its start compiles on every core
+        log(f"  vllm server ready in {time.perf_counter() - t0:.1f} s more at {early['vllm'].url}")
+        out["vllm_scores"] = check_peer_scores(early["vllm"], pool, checkpoint)
     if "ceiling" in args.scenario_list:
         scenarios["ceiling"] = run_ceiling(args, checkpoint, sequences)
     if args.accuracy_pairs:
@@ -413,26 +511,41 @@ def _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early) -> dict[
 
     ceiling_rate = ceiling["texts_per_s"] if ceiling else None
     rate = args.rate or (args.rate_fraction * ceiling_rate if ceiling_rate else 10.0)
-    for which, (names, argv) in servers.items():
-        wanted = [n for n in names if n in args.scenario_list]
-        if not wanted:
+    # With vLLM, the service and vLLM are up together and their scenarios alternate (see the module's docstring).
+    groups = [["service", "vllm"], ["naive"]] if "vllm" in servers else [["service"], ["naive"]]
+    for group in groups:
+        wanted = {w: [n for n in servers[w][0] if n in args.scenario_list] for w in group}
+        if not any(wanted.values()):
             continue
-        t0 = time.perf_counter()
-        if which == "service" and args.service_url:
-            server = Server.external(which, args.service_url, args.service_pid)
-        elif which in early:
-            server = early[which].wait_ready()
-        else:
-            server = Server(which, argv, logs / f"{which}-{dtype}.log", root=_root(args, which)).start()
-        log(f"  {which} server ready in {time.perf_counter() - t0:.1f} s at {server.url}")
+        up: dict[str, Server] = {}
         try:
-            out[f"{which}_argv"] = argv[1:]
-            for name in wanted:
-                scenarios[name] = _clean(args, functools.partial(run_load, args, server, name, pool, rate), name)
-                if clock is not None:
-                    scenarios[name]["ceiling_around"] = clock.tick([server.pid] if server.pid else [])
+            for which in (w for w in group if wanted[w]):
+                argv = servers[which][1]
+                t0 = time.perf_counter()
+                if which == "service" and args.service_url:
+                    up[which] = Server.external(which, args.service_url, args.service_pid)
+                elif which in early:
+                    up[which] = early[which].wait_ready()
+                else:
+                    up[which] = Server(which, argv, logs / f"{which}-{dtype}.log", root=_root(args, which)).start()
+                log(f"  {which} server ready in {time.perf_counter() - t0:.1f} s at {up[which].url}")
+                out[f"{which}_argv"] = argv[1:]
+            kinds = [k for k in ("64x1", "4x64", "open") if any(f"{w}_{k}" in wanted[w] for w in up)]
+            repeats = args.repeats if len(up) > 1 else 1
+            for repeat in range(repeats):
+                for kind in kinds:
+                    for which, server in up.items():
+                        name = f"{which}_{kind}"
+                        if name not in wanted[which]:
+                            continue
+                        key = name if repeat == 0 else f"{name}#{repeat + 1}"
+                        scenarios[key] = _clean(args, lambda s=server, k=key: run_load(args, s, k, pool, rate), key)
+                        if clock is not None:
+                            own = [s.pid for s in up.values() if s.pid]
+                            scenarios[key]["ceiling_around"] = clock.tick(own)
         finally:
-            server.stop()
+            for server in up.values():
+                server.stop()
     if clock is not None:
         clock.summarise()
     out["ratios"] = ratios(scenarios)
@@ -485,7 +598,7 @@ def ratios(s: dict[str, Any]) -> dict[str, float]:
         return s[name]["texts_per_s"] if name in s and s[name]["texts_per_s"] else None
 
     out = {}
-    for name in SERVICE_SCENARIOS + NAIVE_SCENARIOS:
+    for name in [n for n in s if n != "ceiling"]:
         # the ceiling timed just before and after this scenario, else the ceiling row
         ceiling = s[name]["ceiling_around"]["mean"] if "ceiling_around" in s.get(name, {}) else tput("ceiling")
         if tput(name) and ceiling:
@@ -496,6 +609,17 @@ def ratios(s: dict[str, Any]) -> dict[str, float]:
         if a and b:
             out[f"service_{kind}_vs_naive"] = a / b
             s[f"service_{kind}"]["ratio_to_naive"] = a / b
+        # Against vLLM: each interleaved pair (service_64x1#2 with vllm_64x1#2), and their median.
+        pairs = []
+        for suffix in [""] + [f"#{i}" for i in range(2, 100)]:
+            a, b = tput(f"service_{kind}{suffix}"), tput(f"vllm_{kind}{suffix}")
+            if not (a and b):
+                break
+            pairs.append(a / b)
+            s[f"service_{kind}{suffix}"]["ratio_to_vllm"] = a / b
+        if pairs:
+            out[f"service_{kind}_vs_vllm"] = statistics.median(pairs)
+            out[f"service_{kind}_vs_vllm_each"] = pairs
     return out
 
 

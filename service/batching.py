@@ -18,6 +18,9 @@ How a batch is formed:
   within ``max_batch_size``, and each addition raises ``real tokens / (overhead_tokens + padded tokens)``: with
   a forward's fixed cost expressed as ``overhead_tokens``, an item that would add more padding than it saves in
   per-forward cost is left for a later batch of its own length;
+- with ``window_items`` set, the neighbours are chosen among the ``window_items`` oldest waiting items only: an item
+  is then overtaken by at most that many later arrivals, which bounds the latency tail under many one-text clients
+  (each chosen by length from the whole queue, an item of an uncommon length waits until it is the oldest of all);
 - when the queue is short, the worker waits up to ``max_wait`` (counted from the oldest item's arrival) for more;
   while a batch runs, the next one fills;
 - items of a request that is gone (its future cancelled: timeout, client disconnect) are skipped, never computed.
@@ -89,6 +92,7 @@ class BatchLimits:
     max_wait_s: float = 0.005
     max_queue_tokens: int = 262_144
     overhead_tokens: int = 0  # a forward's fixed cost in tokens: a batch stops growing when padding costs more
+    window_items: int = 0  # neighbours come from this many oldest waiting items; 0: from all of them
 
 
 @dataclass(frozen=True)
@@ -165,13 +169,15 @@ def select_batch(waiting: Sequence[Waiting], limits: BatchLimits) -> list[int]:
     The oldest live item is always in it; around it, in the live items sorted by (length, age), the neighbour that
     adds the least padding is taken first, while ``longest x count <= max_batch_tokens``, ``count <=
     max_batch_size`` and, with ``overhead_tokens``, each addition raises ``real / (overhead + padded)`` tokens.
-    Abandoned items are never chosen. A pure function of its arguments: no clock, no lock, no state.
+    With ``window_items``, the neighbours come from that many oldest live items only. Abandoned items are never
+    chosen. A pure function of its arguments: no clock, no lock, no state.
     """
     live = [i for i, item in enumerate(waiting) if not item.abandoned]
     if not live:
         return []
     oldest = live[0]
-    by_length = sorted(live, key=lambda i: (waiting[i].length, i))
+    window = limits.window_items  # with a window, neighbours come from the oldest live items only
+    by_length = sorted(live[:window] if window else live, key=lambda i: (waiting[i].length, i))
     lengths = [waiting[i].length for i in by_length]
     lo = hi = by_length.index(oldest)
     width = lengths[lo]
@@ -340,7 +346,12 @@ class Batcher:
                     return batch
 
     def _enough_waiting(self) -> bool:
-        return self._queued_items >= self.limits.max_batch_size or self._queued_tokens >= self.limits.max_batch_tokens
+        window = self.limits.window_items
+        return (
+            self._queued_items >= self.limits.max_batch_size
+            or self._queued_tokens >= self.limits.max_batch_tokens
+            or (window > 0 and self._queued_items >= window)  # a full window: waiting cannot make a better batch
+        )
 
     def _drop_abandoned_head(self) -> None:
         while self._waiting and self._waiting[0].job.closed:

@@ -50,7 +50,14 @@ class ServiceRuntime:
             s.max_wait_ms / 1000.0,
             s.max_queue_tokens,
             s.batch_overhead_tokens,
+            s.batch_window_items if s.batch_window_items is not None else self._default_window(),
         )
+
+    def _default_window(self) -> int:
+        """First come, first served when nothing is padded (a text's wait then depends only on its arrival);
+        grouping by length where batches are padded."""
+        pads = getattr(self.backend, "pads_batches", True)
+        return 0 if pads else 1
 
     @property
     def info(self) -> ModelInfo:
@@ -84,6 +91,7 @@ class ServiceRuntime:
                     reward_label=s.reward_label,
                     max_length=s.max_length,
                     truncation_side=s.truncation_side,
+                    backend=s.backend,
                 )
             self.backend.warm_up()
             info = self.backend.info
@@ -116,7 +124,7 @@ class ServiceRuntime:
 def _log_loaded(info: ModelInfo, limits: BatchLimits, threads: ThreadPlan, s: ServeSettings, seconds: float) -> None:
     recipe = info.formatting
     logger.info(
-        "loaded reward model %r version %s from %s in %.1f s (%s) on device %s, dtype %s; reward label %s",
+        "loaded reward model %r version %s from %s in %.1f s (%s) on device %s, dtype %s, backend %s; reward label %s",
         info.name,
         info.version,
         info.source,
@@ -124,6 +132,7 @@ def _log_loaded(info: ModelInfo, limits: BatchLimits, threads: ThreadPlan, s: Se
         "manifest: served as trained" if info.has_manifest else "no manifest: default formatting",
         info.device,
         info.dtype,
+        info.extra.get("backend", "custom"),
         info.reward_label,
     )
     logger.info(
@@ -135,7 +144,8 @@ def _log_loaded(info: ModelInfo, limits: BatchLimits, threads: ThreadPlan, s: Se
         info.normalization or "none",
     )
     logger.info(
-        "batching: max_batch_tokens %d, max_batch_size %d, max_wait %.1f ms, max_queue_tokens %d, overhead_tokens %d; "
+        "batching: max_batch_tokens %d, max_batch_size %d, max_wait %.1f ms, max_queue_tokens %d, overhead_tokens %d, "
+        "window_items %d; "
         "inference workers %d, torch threads each %s; "
         "limits: %d items/request, %d body bytes, %d chars/text, timeout %g s; api key %s",
         limits.max_batch_tokens,
@@ -143,6 +153,7 @@ def _log_loaded(info: ModelInfo, limits: BatchLimits, threads: ThreadPlan, s: Se
         limits.max_wait_s * 1000,
         limits.max_queue_tokens,
         limits.overhead_tokens,
+        limits.window_items,
         threads.workers,
         threads.threads_per_worker or "torch's choice",
         s.max_items_per_request,

@@ -62,6 +62,13 @@ class ServeSettings(BaseSettings):
     truncation_side: Literal["left", "right"] | None = Field(
         None, description="which end to cut; only for checkpoints without reward_manifest.json"
     )
+    backend: Literal["torch", "onnx", "auto"] = Field(
+        "auto",
+        description="what runs the forward pass: torch (transformers, eager), onnx (the model exported to ONNX "
+        "Runtime, float32 on a CPU; needs the onnx extra; falls back to torch with a warning when the model cannot "
+        "be exported or its exported scores differ), or auto: onnx for a float32 model on a CPU when onnxruntime "
+        "is installed, else torch",
+    )
     inference_workers: int | None = Field(
         None,
         ge=1,
@@ -104,6 +111,15 @@ class ServeSettings(BaseSettings):
         ge=0,
         description="a forward pass's fixed cost in tokens: a batch stops growing when one more item would lower "
         "real tokens / (this + padded tokens); 0 fills batches to the limits",
+    )
+
+    batch_window_items: int | None = Field(
+        None,
+        ge=0,
+        description="a batch's items are chosen (by length, around the oldest) among this many oldest waiting "
+        "items; bounds how often a text is overtaken, and so the latency tail; 0 chooses among all waiting items; "
+        "default: 1 (first come, first served, one text per forward) when the backend computes each text unpadded "
+        "(onnx), else 0 (grouping by length saves padding)",
     )
 
     # -- limits ---------------------------------------------------------------------------------------------

@@ -113,3 +113,41 @@ def test_naive_server_pads_each_request_to_its_longest(tmp_path):
     assert rewards == pytest.approx(scores, abs=1e-5)
     assert "reward_batch_size_count 2" in metrics and "reward_batch_size_sum 6" in metrics
     assert f"reward_batch_tokens_sum {2 * 3 * max(map(len, ids))}" in metrics
+
+
+# -- the vLLM comparison (its server is not installed in CI: only what the benchmark sends and computes) ----------
+def test_vllm_requests_carry_the_service_texts_with_its_truncation():
+    from bench.load import build_payloads
+
+    items = [{"text": "a b"}, {"prompt": "Q: ", "response": "yes"}, {"text": "c"}]
+    payloads = build_payloads(items, [3, 4, 2], 2, api="vllm", max_length=256)
+    assert [json.loads(p.body) for p in payloads] == [
+        {"model": "rm", "input": ["a b", "Q: yes"], "use_activation": False, "truncate_prompt_tokens": 256},
+        {"model": "rm", "input": ["c", "a b"], "use_activation": False, "truncate_prompt_tokens": 256},
+    ]
+    assert [(p.texts, p.tokens) for p in payloads] == [(2, 7), (2, 5)]
+
+
+def test_each_interleaved_service_run_is_compared_with_the_vllm_run_beside_it():
+    from bench.report import peer_table
+    from bench.run import ratios
+
+    scenarios = {
+        name: {"texts_per_s": tput, "description": name}
+        for name, tput in [("service_64x1", 60.0), ("vllm_64x1", 50.0), ("service_64x1#2", 66.0), ("vllm_64x1#2", 44.0)]
+    }
+    out = ratios(scenarios)
+    assert out["service_64x1_vs_vllm_each"] == pytest.approx([1.2, 1.5])
+    assert out["service_64x1_vs_vllm"] == pytest.approx(1.35)  # the median of the pairs
+    assert "service_4x64_vs_vllm" not in out
+    table = "\n".join(peer_table({"scenarios": scenarios}))
+    assert "| 64x1 | 60.0 | 50.0 | 1.20 |" in table and "| 64x1#2 | 66.0 | 44.0 | 1.50 |" in table
+
+
+def test_vllm_scenarios_need_the_peer_venv(tmp_path, capsys):
+    from bench.run import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--scenarios", "service_64x1,vllm_64x1", "--peer-python", str(tmp_path / "missing" / "python")])
+    assert "make bench-peers" in capsys.readouterr().err
+    assert "vllm_64x1" not in parse_args([]).scenario_list  # never part of the default run

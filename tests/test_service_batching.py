@@ -298,3 +298,25 @@ def test_two_workers_compute_two_batches_at_once_and_answer_each_request():
 def test_a_batcher_needs_a_worker():
     with pytest.raises(ValueError, match="workers"):
         Batcher(RecordingForward(), workers=0)
+
+
+@pytest.mark.parametrize("window, expected_first", [(0, [5, 5, 5]), (3, [5, 9, 40])])
+def test_window_items_limits_neighbours_to_the_oldest_waiting(window, expected_first):
+    """With a window, a batch's neighbours come from the oldest waiting items only, whatever their lengths: later
+    arrivals of the oldest's length do not overtake the items between them."""
+    forward = RecordingForward()
+    forward.release.clear()
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=3, max_wait_s=0.0, window_items=window)
+    batcher = Batcher(forward, limits).start()
+
+    async def main():
+        blocker = batcher.submit([seq(0, 2)])
+        await asyncio.to_thread(forward.entered.wait, 5)
+        futures = [batcher.submit([seq(100 + i, n)]) for i, n in enumerate([5, 9, 40, 5, 5])]
+        forward.release.set()
+        await asyncio.gather(blocker, *futures)
+
+    run(main())
+    batcher.stop(5)
+    assert sorted(len(ids) for ids in forward.batches[1]) == expected_first
+    assert sorted(len(ids) for b in forward.batches[1:] for ids in b) == [5, 5, 5, 9, 40]

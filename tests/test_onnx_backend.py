@@ -1,0 +1,137 @@
+"""The ONNX Runtime backend: same scores as torch (<= 1e-5), a cached export, and a clean fallback to torch."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from service.backend import CheckpointBackend  # noqa: E402  (after the skips: needs the onnx extra)
+
+TEXTS = [
+    "hello world",
+    "the quick brown fox jumps over the lazy dog",
+    "a good answer is helpful polite and on topic",
+    "no",
+    "red green blue yellow black white cat dog bird fish tree river mountain city " * 3,
+]
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    """A private copy, so that the cached export of one test is not another's."""
+    return Path(shutil.copytree(src, tmp_path / src.name))
+
+
+def _batches(backend: CheckpointBackend) -> list[list[list[int]]]:
+    ids = [backend.formatter.encode({"text": t}).input_ids for t in TEXTS]
+    return [[i] for i in ids] + [ids, ids[::-1], ids[1:3]]
+
+
+@pytest.mark.parametrize("model", ["tiny_bert_dir", "tiny_llama_dir"])
+def test_onnx_scores_match_torch_in_every_batch(model, request, tmp_path):
+    path = _copy(request.getfixturevalue(model), tmp_path)
+    torch_backend = CheckpointBackend.load(path, backend="torch")
+    onnx_backend = CheckpointBackend.load(path, backend="onnx")
+    assert onnx_backend.info.extra["backend"] == "onnx" and torch_backend.info.extra["backend"] == "torch"
+    for batch in _batches(torch_backend):  # padded next to longer and shorter neighbours, and alone
+        assert onnx_backend.forward(batch) == pytest.approx(torch_backend.forward(batch), abs=1e-5)
+
+
+def test_export_is_cached_next_to_the_checkpoint_and_reused(tiny_bert_dir, tmp_path, caplog):
+    path = _copy(tiny_bert_dir, tmp_path)
+    with caplog.at_level(logging.INFO, logger="reward.backend"):
+        first = CheckpointBackend.load(path, backend="onnx")
+    exported = Path(first.info.extra["onnx_path"])
+    assert exported.parent == path / "onnx" and exported.is_file()
+    assert sum("exported" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    stamp = exported.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="reward.backend"):
+        second = CheckpointBackend.load(path, backend="onnx")
+    assert second.info.extra["onnx_path"] == str(exported) and exported.stat().st_mtime_ns == stamp
+    assert not any("exported" in r.getMessage() for r in caplog.records)
+    assert list((path / "onnx").iterdir()) == [exported]  # no temporary file left behind
+
+
+def test_new_weights_get_a_new_export(tiny_bert_dir, tmp_path):
+    """The cache key follows the weights: a retrained checkpoint in the same folder is never served a stale graph."""
+    from safetensors.torch import load_file, save_file
+
+    path = _copy(tiny_bert_dir, tmp_path)
+    before = CheckpointBackend.load(path, backend="onnx")
+    weights = load_file(path / "model.safetensors")
+    name = next(k for k in weights if k.endswith("classifier.weight") or k.endswith("score.weight"))
+    weights[name] = weights[name] * 2
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    after = CheckpointBackend.load(path, backend="onnx")
+    assert after.info.extra["onnx_path"] != before.info.extra["onnx_path"]
+    batch = [after.formatter.encode({"text": TEXTS[1]}).input_ids]
+    assert after.forward(batch) == pytest.approx(CheckpointBackend.load(path).forward(batch), abs=1e-5)
+
+
+def test_unexportable_model_falls_back_to_torch_with_one_warning(tiny_bert_dir, tmp_path, caplog):
+    path = _copy(tiny_bert_dir, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="reward.backend"):
+        backend = CheckpointBackend.load(path, backend="onnx", dtype="bfloat16")
+    assert backend.info.extra["backend"] == "torch" and "float32" in backend.info.extra["fallback"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "scoring with torch instead" in warnings[0].getMessage()
+    batch = [backend.formatter.encode({"text": TEXTS[0]}).input_ids]
+    assert len(backend.forward(batch)) == 1
+
+
+def test_auto_keeps_torch_quietly_where_onnx_does_not_apply(tiny_bert_dir, tmp_path, caplog):
+    path = _copy(tiny_bert_dir, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="reward.backend"):
+        backend = CheckpointBackend.load(path, backend="auto", dtype="bfloat16")
+    assert backend.info.extra == {"backend": "torch"}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert CheckpointBackend.load(path, backend="auto").info.extra["backend"] == "onnx"
+
+
+def test_a_corrupt_cached_graph_falls_back_to_torch(tiny_bert_dir, tmp_path, caplog):
+    path = _copy(tiny_bert_dir, tmp_path)
+    exported = Path(CheckpointBackend.load(path, backend="onnx").info.extra["onnx_path"])
+    exported.write_bytes(b"not an onnx graph")
+    with caplog.at_level(logging.WARNING, logger="reward.backend"):
+        backend = CheckpointBackend.load(path, backend="onnx")
+    assert backend.info.extra["backend"] == "torch" and "could not load" in backend.info.extra["fallback"]
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_read_only_checkpoint_exports_to_the_cache_folder(tiny_bert_dir, tmp_path, monkeypatch):
+    from service import onnx_forward
+
+    path = _copy(tiny_bert_dir, tmp_path)
+    monkeypatch.setenv("REWARD_ONNX_CACHE", str(tmp_path / "cache"))
+    # A read-only folder, as a mounted volume is; chmod cannot make one for root, which writes anyway.
+    monkeypatch.setattr(onnx_forward, "_writable", lambda folder: False)
+    backend = CheckpointBackend.load(path, backend="onnx")
+    assert Path(backend.info.extra["onnx_path"]).parent == tmp_path / "cache" / path.name
+    assert not (path / "onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "backend, window, expected_window", [("onnx", None, 1), ("torch", None, 0), ("onnx", 8, 8), ("torch", 8, 8)]
+)
+def test_unpadded_backend_serves_first_come_first_served(backend, window, expected_window, tiny_bert_dir, tmp_path):
+    """ONNX Runtime computes each text alone, so grouping by length saves nothing: by default a text then waits only
+    for those that came before it. Padded torch batches keep grouping by length."""
+    from service_fixtures import app_client, make_settings
+
+    path = _copy(tiny_bert_dir, tmp_path)
+    settings = make_settings(path, backend=backend, batch_window_items=window)
+    with app_client(settings) as client:
+        runtime = client.app.state.runtime
+        assert runtime.backend.pads_batches is (backend == "torch")
+        assert runtime.limits.window_items == expected_window
+        items = [{"text": t} for t in TEXTS]
+        scores = client.post("/score", json={"items": items}).json()["scores"]
+    reference = CheckpointBackend.load(path, backend="torch")
+    expected = [reference.forward([reference.formatter.encode(i).input_ids])[0] for i in items]
+    assert scores == pytest.approx(expected, abs=1e-5)
