@@ -118,10 +118,10 @@ def test_the_api_key_is_compared_in_constant_time(tiny_reward_checkpoint, monkey
 
 
 def _plain_copy(source: Path, target: Path) -> Path:
-    """The checkpoint's config, tokenizer and manifest, without its weights."""
+    """The checkpoint's config, tokenizer and manifest, without its weights (nor an exported ONNX graph)."""
     target.mkdir(parents=True)
     for f in source.iterdir():
-        if f.suffix != ".safetensors":
+        if f.is_file() and f.suffix != ".safetensors":
             shutil.copy(f, target / f.name)
     return target
 
