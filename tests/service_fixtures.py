@@ -113,10 +113,11 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
 
 @pytest.fixture(scope="module")
 def live_server(service_checkpoint: Path) -> Iterator[ServerProcess]:
-    """One server per test module; max_wait 20 ms (set through the environment) so concurrent requests batch."""
+    """One server per test module; max_wait 20 ms and a batch window over the whole queue (set through the
+    environment) so concurrent requests batch: with the ONNX backend the default is one text per forward."""
     server = ServerProcess(
         ["--model", str(service_checkpoint), "--max-batch-size", "32", "--torch-threads", "1"],
-        env={"REWARD_MAX_WAIT_MS": "20"},
+        env={"REWARD_MAX_WAIT_MS": "20", "REWARD_BATCH_WINDOW_ITEMS": "0"},
     ).start()
     yield server
     server.stop()
