@@ -21,7 +21,7 @@ $(VENV)/.installed-all: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[train,serve,client,demo]"
+	$(BIN)/python -m pip install -q -e ".[train,serve,client,demo,onnx]"
 	touch $@
 
 install: $(VENV)/.installed-all
