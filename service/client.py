@@ -5,8 +5,10 @@
     with RewardClient("http://127.0.0.1:8000") as client:
         client.score([{"prompt": "2+2=", "response": "4"}, "plain text works too"]).scores
 
-Several base URLs shard a call's items across replicas. Connection errors, 5xx and 429 are retried with
-exponential backoff (honouring ``Retry-After``), on the next replica; other 4xx are raised at once.
+Several base URLs shard a call's items across replicas. Connection errors, 5xx and 429 are retried on the next
+replica: at once while the call has a replica it has not tried yet (a replica that is down, loading, draining or
+full says nothing about the others), then with exponential backoff (honouring ``Retry-After``); other 4xx are raised
+at once.
 
 :class:`RewardFunction` plugs the service into TRL's ``GRPOTrainer`` / ``RLOOTrainer`` as a ``reward_funcs`` entry.
 """
@@ -144,6 +146,13 @@ class _Base:
     def _replica(self, start: int, attempt: int) -> str:
         return self.base_urls[(start + attempt) % len(self.base_urls)]
 
+    def _pause(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait after attempt ``attempt`` failed. None while the next attempt goes to a replica this call
+        has not tried: ``Retry-After`` is about the replica that sent it. Then backoff, counted from there."""
+        if attempt + 1 < len(self.base_urls):
+            return 0.0
+        return self.retry.delay(attempt + 1 - len(self.base_urls), retry_after)
+
     def _plan(self, items: Sequence[Any]) -> list[tuple[int, Sequence[Any]]]:
         """Split items into requests: at most max_items_per_request each, at least one per replica when possible."""
         if not items:
@@ -199,11 +208,11 @@ class RewardClient(_Base):
             except httpx.TransportError as exc:
                 if attempt >= self.retry.max_retries:
                     raise RewardServiceUnreachable(f"{url}: {exc.__class__.__name__}: {exc}") from exc
-                time.sleep(self.retry.delay(attempt, None))
+                time.sleep(self._pause(attempt, None))
             else:
                 if response.status_code not in RETRIED_STATUS or attempt >= self.retry.max_retries:
                     return self._check(response, url)
-                time.sleep(self.retry.delay(attempt, _retry_after(response)))
+                time.sleep(self._pause(attempt, _retry_after(response)))
             attempt += 1
 
     def close(self) -> None:
@@ -255,11 +264,11 @@ class AsyncRewardClient(_Base):
             except httpx.TransportError as exc:
                 if attempt >= self.retry.max_retries:
                     raise RewardServiceUnreachable(f"{url}: {exc.__class__.__name__}: {exc}") from exc
-                await asyncio.sleep(self.retry.delay(attempt, None))
+                await asyncio.sleep(self._pause(attempt, None))
             else:
                 if response.status_code not in RETRIED_STATUS or attempt >= self.retry.max_retries:
                     return self._check(response, url)
-                await asyncio.sleep(self.retry.delay(attempt, _retry_after(response)))
+                await asyncio.sleep(self._pause(attempt, _retry_after(response)))
             attempt += 1
 
     async def aclose(self) -> None:

@@ -101,7 +101,24 @@ def reward_config_class():
         )
         remove_unused_columns: bool = field(default=False, metadata={"help": "Kept off: the data is pre-tokenized."})
 
+        def __post_init__(self):
+            if not self.use_cpu and launched_without_accelerator():
+                # Launched as several processes (torchrun, a PyTorchJob, an indexed Job) on machines without GPUs:
+                # unless told to use the CPU, Accelerate finds no backend, and each process trains alone on all the
+                # data and writes the checkpoint itself. use_cpu makes them one gloo process group.
+                self.use_cpu = True
+            super().__post_init__()
+
     return CpuFriendlyRewardConfig
+
+
+def launched_without_accelerator() -> bool:
+    """True in one of several processes started by a distributed launcher (``WORLD_SIZE`` > 1) with no GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+
+    return not torch.accelerator.is_available()
 
 
 @dataclass
