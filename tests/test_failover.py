@@ -40,6 +40,7 @@ CALLS = 12  # per thread
 TEXTS_PER_CALL = 16
 TOLERANCE = 1e-5  # request shapes and batch neighbours differ between replicas and runs
 WAIT_S = 120  # bound on every condition wait (a hung test fails instead of hanging)
+VOCABULARY = [w for w in WORDS if w != "terrible"]  # ControlledBackend's poison word would fail a forward pass
 
 
 def call_texts(thread: int, call: int) -> list[str]:
@@ -47,7 +48,7 @@ def call_texts(thread: int, call: int) -> list[str]:
     out = []
     for j in range(TEXTS_PER_CALL):
         n = thread * 1000 + call * 100 + j
-        out.append(f"{n} " + " ".join(WORDS[(n * 7 + k) % len(WORDS)] for k in range(2 + n % 23)))
+        out.append(f"{n} " + " ".join(VOCABULARY[(n * 7 + k) % len(VOCABULARY)] for k in range(2 + n % 23)))
     return out
 
 
