@@ -146,12 +146,14 @@ class _Base:
     def _replica(self, start: int, attempt: int) -> str:
         return self.base_urls[(start + attempt) % len(self.base_urls)]
 
-    def _pause(self, attempt: int, retry_after: float | None) -> float:
-        """Seconds to wait after attempt ``attempt`` failed. None while the next attempt goes to a replica this call
-        has not tried: ``Retry-After`` is about the replica that sent it. Then backoff, counted from there."""
-        if attempt + 1 < len(self.base_urls):
+    def _pause(self, start: int, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait after attempt ``attempt`` failed: none when the next attempt goes to a base URL this
+        request has not tried (``Retry-After`` is about the replica that sent it), else backoff counted from the
+        first repeat. A URL given several times (one Service URL to spread a call) is one replica here."""
+        tried = {self._replica(start, k) for k in range(attempt + 1)}
+        if self._replica(start, attempt + 1) not in tried:
             return 0.0
-        return self.retry.delay(attempt + 1 - len(self.base_urls), retry_after)
+        return self.retry.delay(max(0, attempt + 1 - len(tried)), retry_after)
 
     def _plan(self, items: Sequence[Any]) -> list[tuple[int, Sequence[Any]]]:
         """Split items into requests: at most max_items_per_request each, at least one per replica when possible."""
@@ -208,11 +210,11 @@ class RewardClient(_Base):
             except httpx.TransportError as exc:
                 if attempt >= self.retry.max_retries:
                     raise RewardServiceUnreachable(f"{url}: {exc.__class__.__name__}: {exc}") from exc
-                time.sleep(self._pause(attempt, None))
+                time.sleep(self._pause(start, attempt, None))
             else:
                 if response.status_code not in RETRIED_STATUS or attempt >= self.retry.max_retries:
                     return self._check(response, url)
-                time.sleep(self._pause(attempt, _retry_after(response)))
+                time.sleep(self._pause(start, attempt, _retry_after(response)))
             attempt += 1
 
     def close(self) -> None:
@@ -264,11 +266,11 @@ class AsyncRewardClient(_Base):
             except httpx.TransportError as exc:
                 if attempt >= self.retry.max_retries:
                     raise RewardServiceUnreachable(f"{url}: {exc.__class__.__name__}: {exc}") from exc
-                await asyncio.sleep(self._pause(attempt, None))
+                await asyncio.sleep(self._pause(start, attempt, None))
             else:
                 if response.status_code not in RETRIED_STATUS or attempt >= self.retry.max_retries:
                     return self._check(response, url)
-                await asyncio.sleep(self._pause(attempt, _retry_after(response)))
+                await asyncio.sleep(self._pause(start, attempt, _retry_after(response)))
             attempt += 1
 
     async def aclose(self) -> None:

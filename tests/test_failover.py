@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -33,6 +32,7 @@ from service_fixtures import (
     tiny_reward_checkpoint,  # noqa: F401  (fixture)
 )
 
+from bench.failover import Attempt, RecordingTransport
 from service.client import AsyncRewardClient, RetryPolicy, RewardClient
 
 THREADS = 6
@@ -52,53 +52,10 @@ def call_texts(thread: int, call: int) -> list[str]:
     return out
 
 
-@dataclass(frozen=True)
-class Attempt:
-    port: int
-    thread: int
-    started: float
-    ended: float
-    outcome: int | str  # the status code, or the transport error's class name
-
-
-class RecordingTransport(httpx.HTTPTransport):
-    """The client's real transport, recording every attempt (which replica, when, how it ended) and counting the
-    requests in flight per replica, so a test can wait for "a request is at replica A" before it strikes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.changed = threading.Condition()
-        self.in_flight: collections.Counter[int] = collections.Counter()
-        self.started: collections.Counter[int] = collections.Counter()
-        self.attempts: list[Attempt] = []
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        port, started, outcome = request.url.port, time.monotonic(), "?"
-        with self.changed:
-            self.in_flight[port] += 1
-            self.started[port] += 1
-            self.changed.notify_all()
-        try:
-            response = super().handle_request(request)
-            outcome = response.status_code
-            return response
-        except httpx.TransportError as exc:
-            outcome = type(exc).__name__
-            raise
-        finally:
-            with self.changed:
-                self.in_flight[port] -= 1
-                self.attempts.append(Attempt(port, threading.get_ident(), started, time.monotonic(), outcome))
-                self.changed.notify_all()
-
-    def wait_for_new_request(self, port: int, seen: int) -> None:
-        """Until more than ``seen`` requests were sent to the replica on ``port``."""
-        with self.changed:
-            assert self.changed.wait_for(lambda: self.started[port] > seen, WAIT_S), "no request reached the replica"
-
-    def at(self, port: int) -> list[Attempt]:
-        with self.changed:
-            return [a for a in self.attempts if a.port == port]
+def wait_for_new_request(transport: RecordingTransport, port: int, seen: int) -> None:
+    """Until more than ``seen`` requests were sent to the replica on ``port``."""
+    with transport.changed:
+        assert transport.changed.wait_for(lambda: transport.started[port] > seen, WAIT_S), "no request reached it"
 
 
 class Load:
@@ -201,7 +158,7 @@ def test_sigkill_of_a_replica_mid_load_loses_no_call(tiny_reward_checkpoint, sur
             with transport.changed:
                 os.kill(victim.proc.pid, signal.SIGSTOP)
                 seen = transport.started[port_of(victim.url)]
-            transport.wait_for_new_request(port_of(victim.url), seen)
+            wait_for_new_request(transport, port_of(victim.url), seen)
             killed_at = time.monotonic()
             victim.proc.kill()
             assert victim.wait(30) == -signal.SIGKILL
@@ -327,6 +284,12 @@ def test_retry_after_is_waited_only_once_every_replica_was_tried(code, monkeypat
         with pytest.raises(Exception, match=str(code)):
             c.score(["x"])
     assert waits == [0.0, 7.0]  # b at once, then a again after a's Retry-After
+    one_service = httpx.MockTransport(statuses(code, 200))
+    with RewardClient(["http://a", "http://a"], transport=one_service, retry=policy) as c:  # one URL, given twice
+        waits.clear()
+        with pytest.raises(Exception, match=str(code)):
+            c.score(["x"])
+    assert waits == [7.0, 7.0]  # the same replica: its Retry-After holds
 
 
 def test_async_client_moves_to_the_other_replica_at_once(monkeypatch):
