@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from bench.procstat import describe_machine
+from bench.procstat import _task_ticks, describe_machine
 from bench.servers import Server, service_argv
 from bench.texts import DEFAULT_DATA, load_pool
 
@@ -84,6 +84,11 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    return (_task_ticks(pid) or 0) / os.sysconf("SC_CLK_TCK")
 
 
 def summary(latencies: list[float]) -> dict[str, Any]:
@@ -149,6 +154,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                 calls.append((started, time.monotonic(), n, error))
                 done.notify_all()
 
+        cpu_start = [cpu_seconds(r.pid) for r in replicas]
         began = time.monotonic()
         with ThreadPoolExecutor(args.threads) as workers:
             futures = [workers.submit(call, i) for i in range(total)]
@@ -159,6 +165,8 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             for future in futures:
                 future.result()
         ended = time.monotonic()
+        survivor_cpu = cpu_seconds(survivor.pid) - cpu_start[1]
+        victim_cpu = cpu_seconds(victim.pid) - cpu_start[0]  # not reaped yet: /proc still has its times
         client.close()
         victim_exit = victim.proc.wait(60)
     finally:
@@ -187,6 +195,10 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "errors": [err for *_, err in calls if err is not None][:5],
         "victim_exit_code": victim_exit,
         "texts_per_s_before": texts_before / (fault_at - began),
+        # Throughput on a machine shared with other work understates what a replica does alone; texts per CPU
+        # second of the replicas does not (as long as it is the replicas' own work that is counted).
+        "replica_cpu_s": victim_cpu + survivor_cpu,
+        "texts_per_cpu_s": (texts_before + texts_after) / (victim_cpu + survivor_cpu),
         "texts_per_s_after": texts_after / (ended - fault_at),
         "latency_before": summary([e - s for s, e, _, _ in calls if e <= fault_at]),
         "latency_from_fault": summary([e - s for s, e, _, _ in calls if e > fault_at]),
@@ -196,6 +208,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             "outcomes": dict(collections.Counter(str(a.outcome) for a in after)),
             "seconds_in_failed_requests": sum(a.ended - a.started for a in failed),
             "slowest_failed_request_s": max((a.ended - a.started for a in failed), default=None),
+            "refused_median_s": percentile([a.ended - a.started for a in failed if a.outcome == "ConnectError"], 0.5),
             "last_request_s_after_fault": max((a.started - fault_at for a in after), default=None),
             "run_s_after_fault": ended - fault_at,
         },
@@ -204,7 +217,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
 
 def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
 def print_report(r: dict[str, Any]) -> None:
@@ -221,7 +234,8 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"answered: {r['answered']} of {s['calls']} calls with every score; errors: {r['errors'] or 'none'}")
     print(
         f"throughput: {r['texts_per_s_before']:.1f} texts/s before the fault (two replicas), "
-        f"{r['texts_per_s_after']:.1f} after (one); replica A exited with {r['victim_exit_code']}"
+        f"{r['texts_per_s_after']:.1f} after (one); replica A exited with {r['victim_exit_code']}; "
+        f"{r['texts_per_cpu_s']:.1f} texts per CPU second of the replicas ({r['replica_cpu_s']:.1f} CPU s)"
     )
     for name, key in (("before the fault", "latency_before"), ("from the fault on", "latency_from_fault")):
         lat = r[key]
@@ -232,7 +246,8 @@ def print_report(r: dict[str, Any]) -> None:
     print(
         f"dead replica: {dead['requests_after_fault']} requests still sent to it or in flight after the fault "
         f"({dead['outcomes']}); {_ms(dead['seconds_in_failed_requests'])} spent in the failed ones in all "
-        f"(slowest {_ms(dead['slowest_failed_request_s'])}); the last one sent "
+        f"(slowest {_ms(dead['slowest_failed_request_s'])}; a refused connection: median "
+        f"{_ms(dead['refused_median_s'])}); the last one sent "
         f"{dead['last_request_s_after_fault'] or 0:.2f} s after the fault, in a run that went on "
         f"{dead['run_s_after_fault']:.2f} s"
     )
