@@ -118,7 +118,8 @@ def launched_without_accelerator() -> bool:
         return False
     import torch
 
-    return not torch.accelerator.is_available()
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; CUDA alone before that
+    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
 
 
 @dataclass
