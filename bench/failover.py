@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from bench.procstat import _task_ticks, describe_machine
+from bench.procstat import _process_seconds, describe_machine
 from bench.servers import Server, service_argv
 from bench.texts import DEFAULT_DATA, load_pool
 
@@ -88,7 +88,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far."""
-    return (_task_ticks(pid) or 0) / os.sysconf("SC_CLK_TCK")
+    return _process_seconds(pid) or 0.0
 
 
 def summary(latencies: list[float]) -> dict[str, Any]:

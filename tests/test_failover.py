@@ -21,18 +21,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import (
-    WORDS,
-    ServerProcess,
-    ThreadedServer,
-    backend,  # noqa: F401  (fixture used by `controlled`)
-    controlled,  # noqa: F401  (fixture)
-    make_settings,
-    metric_value,
-    tiny_reward_checkpoint,  # noqa: F401  (fixture)
-)
+from service_fixtures import ServerProcess, ThreadedServer, make_settings, metric_value
 
 from bench.failover import Attempt, RecordingTransport
+from bench.tiny import word_list
 from service.client import AsyncRewardClient, RetryPolicy, RewardClient
 
 THREADS = 6
@@ -40,7 +32,8 @@ CALLS = 12  # per thread
 TEXTS_PER_CALL = 16
 TOLERANCE = 1e-5  # request shapes and batch neighbours differ between replicas and runs
 WAIT_S = 120  # bound on every condition wait (a hung test fails instead of hanging)
-VOCABULARY = [w for w in WORDS if w != "terrible"]  # ControlledBackend's poison word would fail a forward pass
+# The tiny models' words, less ControlledBackend's poison word (it would fail a forward pass).
+VOCABULARY = [w for w in word_list() if w.isalpha() and w != "terrible"]
 
 
 def call_texts(thread: int, call: int) -> list[str]:
@@ -126,7 +119,7 @@ def replica_args(checkpoint: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def survivor(tiny_reward_checkpoint: Path) -> Iterator[ServerProcess]:  # noqa: F811
+def survivor(tiny_reward_checkpoint: Path) -> Iterator[ServerProcess]:
     """Replica B: stays up through every test of the module."""
     server = ServerProcess(replica_args(tiny_reward_checkpoint)).start()
     yield server
@@ -146,7 +139,7 @@ def failover_client(urls: list[str], transport: RecordingTransport) -> RewardCli
     return RewardClient(urls, transport=transport, timeout=60, retry=RetryPolicy(max_retries=4, backoff_s=0.05))
 
 
-def test_sigkill_of_a_replica_mid_load_loses_no_call(tiny_reward_checkpoint, survivor, reference):  # noqa: F811
+def test_sigkill_of_a_replica_mid_load_loses_no_call(tiny_reward_checkpoint, survivor, reference):
     victim = ServerProcess(replica_args(tiny_reward_checkpoint)).start()
     transport = RecordingTransport()
     try:
@@ -171,7 +164,7 @@ def test_sigkill_of_a_replica_mid_load_loses_no_call(tiny_reward_checkpoint, sur
     assert all(isinstance(a.outcome, str) for a in at_victim if a.started > killed_at)  # never answered again
 
 
-def test_sigterm_drains_in_flight_calls_and_the_rest_go_to_the_other(tiny_reward_checkpoint, survivor, reference):  # noqa: F811
+def test_sigterm_drains_in_flight_calls_and_the_rest_go_to_the_other(tiny_reward_checkpoint, survivor, reference):
     # A long batching wait holds each request in the leaving replica for a second: it is still owed when SIGTERM comes.
     leaving = ServerProcess(
         replica_args(
@@ -202,13 +195,15 @@ def test_sigterm_drains_in_flight_calls_and_the_rest_go_to_the_other(tiny_reward
     at_leaving = transport.at(port_of(leaving.url))
     finished = [a for a in at_leaving if a.started < signalled_at < a.ended and a.outcome == 200]
     assert finished, at_leaving  # accepted before the signal, answered by the leaving replica itself
-    after = {a.outcome for a in at_leaving if a.started > signalled_at}
-    assert after <= {503, "ConnectError"}, after  # refused while draining, then gone: never a wrong answer
+    # After the signal: answered (accepted just before it took effect), 503 while draining, or a transport error
+    # once it is gone (refused, or a kept-alive connection it closed); never another error status.
+    after = {a.outcome for a in at_leaving if a.started > signalled_at and isinstance(a.outcome, int)}
+    assert after <= {200, 503}, after
 
 
 def test_a_replica_still_loading_sends_calls_to_the_other_until_it_is_ready(
-    tiny_reward_checkpoint,  # noqa: F811
-    controlled,  # noqa: F811
+    tiny_reward_checkpoint,
+    controlled,
     survivor,
     reference,
 ):
