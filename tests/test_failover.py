@@ -169,7 +169,8 @@ def test_sigterm_drains_in_flight_calls_and_the_rest_go_to_the_other(tiny_reward
     leaving = ServerProcess(
         replica_args(
             tiny_reward_checkpoint,
-            *("--max-wait-ms", "1000", "--max-batch-size", "1024", "--max-batch-tokens", "65536"),
+            *("--max-wait-ms", "1000", "--batch-window-items", "0"),  # batches wait (also on an unpadded backend)
+            *("--max-batch-size", "1024", "--max-batch-tokens", "65536"),
             *("--drain-timeout-s", "30"),
         )
     ).start()
