@@ -14,7 +14,9 @@ drift hits both alike. Both checkpoints are scored by ``reward-eval`` on the fol
 formatting recipe in its manifest, i.e. the tokenization it was trained with. Every run is written to
 ``DIR/runs/`` as it finishes and skipped when there already, so a study can be resumed or grown (``--max-runs``)
 run by run; the table over whatever runs exist is printed and written to ``DIR/compare.json`` and
-``DIR/compare.md``. Skips cleanly when the data is absent.
+``DIR/compare.md``. Several processes may share one ``--output`` (e.g. one per recipe, or more to use more
+cores): each run is claimed by creating its folder under ``DIR/work/``, deleted when the run is done. Skips cleanly
+when the data is absent.
 """
 
 from __future__ import annotations
@@ -159,11 +161,8 @@ def position_limit(checkpoint: str) -> int | None:
 
 
 def run_one(
-    recipe: str, fold: int, seed: int, *, rows: list[str], folds: int, out: Path, model: str | None, flags: list[str]
+    recipe: str, fold: int, seed: int, *, rows: list[str], folds: int, work: Path, model: str | None, flags: list[str]
 ) -> dict[str, Any]:
-    work = out / "work" / f"{recipe}-fold{fold}-seed{seed}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     train_rows, held_rows = fold_split(rows, folds, fold)
     train, held_out, checkpoint = work / "train.jsonl", work / "heldout.jsonl", work / "checkpoint"
     train.write_text("\n".join(train_rows) + "\n")
@@ -284,8 +283,14 @@ def compare(args: argparse.Namespace) -> int:
             continue
         if args.max_runs is not None and new >= args.max_runs:
             break
+        work = args.output / "work" / path.stem
+        try:
+            work.mkdir(parents=True)  # the claim: a second process on the same --output takes the next run
+        except FileExistsError:
+            print(f"{path.stem}: skipped, running elsewhere (or left by a stopped run: delete {work} to rerun it)")
+            continue
         result = run_one(
-            recipe, fold, seed, rows=rows, folds=args.folds, out=args.output, model=args.model, flags=flags[recipe]
+            recipe, fold, seed, rows=rows, folds=args.folds, work=work, model=args.model, flags=flags[recipe]
         )
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result), flush=True)

@@ -81,11 +81,13 @@ def test_compare_runs_both_recipes_on_the_same_fold_and_resumes(tmp_path, tiny_b
     held_out = fold_split([str(i) for i in range(12)], 2, 0)[1]
     assert stock["train_pairs"] == (6 if "0" in held_out else 5)  # TRL drops the long pair when it trains on it
     assert default["scored_max_length"] == 32 and stock["scored_max_length"] == 64
-    assert not (out / "work").exists() or not any((out / "work").iterdir())  # checkpoints are not kept
+    assert not any((out / "work").iterdir())  # each run's folder (checkpoint included) is deleted when done
 
-    again = run_module("bench.quality", *common, "--seeds", "0", "--max-runs", "0", *flags)
+    (out / "work" / "default-fold1-seed0").mkdir(parents=True)  # claimed by another process
+    again = run_module("bench.quality", *common, "--seeds", "0", "--recipes", "default", *flags)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(list((out / "runs").glob("*.json"))) == 2  # nothing rerun
+    assert "default-fold1-seed0: skipped, running elsewhere" in again.stdout
+    assert len(list((out / "runs").glob("*.json"))) == 2  # nothing rerun, nothing run twice
     summary = json.loads((out / "compare.json").read_text())["summary"]
     assert {k: v["runs"] for k, v in summary["recipes"].items()} == {"default": 1, "trl-stock": 1}
     assert summary["paired_difference"]["mean"] == pytest.approx(
