@@ -140,6 +140,8 @@ def test_probes_info_metrics_and_docs(client):
     assert info["cpu"] == describe_cpu() and info["cpu"]["isa"] == torch.backends.cpu.get_cpu_capability()
     assert info["cpu"]["model"] and info["cpu"]["usable_cpus"] >= 1
     assert info["batching"]["max_batch_tokens"] == 1024 and info["batching"]["max_wait_ms"] == 1  # fp32-on-CPU default
+    # the forward in use, and the batch window that goes with it (unpadded ONNX: first come, first served)
+    assert (info["batching"]["forward"], info["batching"]["window_items"]) in {("onnx", 1), ("torch", 0)}
     plan = plan_threads("cpu")
     assert (info["batching"]["inference_workers"], info["batching"]["torch_threads_per_worker"]) == (
         plan.workers,

@@ -59,6 +59,8 @@ async def info(request: Request) -> InfoResponse:
             "max_batch_size": limits.max_batch_size,
             "max_wait_ms": limits.max_wait_s * 1000,
             "max_queue_tokens": limits.max_queue_tokens,
+            "window_items": limits.window_items,
+            "forward": model.extra.get("backend"),
             "inference_workers": threads.workers if threads else None,
             "torch_threads_per_worker": threads.threads_per_worker if threads else None,
         },
