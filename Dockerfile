@@ -47,13 +47,16 @@ COPY training ./training
 COPY service ./service
 
 # ---------------------------------------------------------------------------------------------------------------
-# serve-builder: the `serve` dependencies at the versions the tests ran with (tests/test_deploy.py checks that these
-# pins, with the torch stage's, satisfy pyproject.toml and cover every `serve` requirement), then the project itself
+# serve-builder: the `serve` and `onnx` dependencies at the versions the tests ran with (tests/test_deploy.py checks
+# that these pins, with the torch stage's, satisfy pyproject.toml and cover every requirement of both), then the
+# project itself. The CPU forward is ONNX Runtime by default; with the model mounted read-only, the exported graph
+# is cached under XDG_CACHE_HOME (/tmp/.cache below).
 FROM torch AS serve-builder
 RUN pip install --no-cache-dir \
         "transformers==5.23.0" "tokenizers==0.23.3" "safetensors==0.8.0" "numpy==2.4.6" \
         "fastapi==0.165.0" "uvicorn[standard]==0.54.0" "prometheus-client==0.26.0" \
         "pydantic==2.14.3" "pydantic-settings==2.16.3" \
+        "onnxruntime==1.32.0" "onnx==1.23.2" "onnxscript==0.7.2" \
     && pip install --no-cache-dir --no-deps . \
     && pip check \
     && pip uninstall --yes pip \

@@ -45,7 +45,8 @@ def cache_path(checkpoint_dir: Path, key: str) -> Path:
     local = checkpoint_dir / "onnx"
     if (local / f"{key}.onnx").is_file() or _writable(checkpoint_dir if not local.exists() else local):
         return local / f"{key}.onnx"
-    root = Path(os.environ.get("REWARD_ONNX_CACHE") or Path.home() / ".cache" / "reward-service" / "onnx")
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    root = Path(os.environ.get("REWARD_ONNX_CACHE") or Path(cache_home) / "reward-service" / "onnx")
     return root / checkpoint_dir.resolve().name / f"{key}.onnx"
 
 

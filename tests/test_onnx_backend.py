@@ -135,3 +135,14 @@ def test_unpadded_backend_serves_first_come_first_served(backend, window, expect
     reference = CheckpointBackend.load(path, backend="torch")
     expected = [reference.forward([reference.formatter.encode(i).input_ids])[0] for i in items]
     assert scores == pytest.approx(expected, abs=1e-5)
+
+
+def test_without_an_onnx_cache_variable_a_read_only_checkpoint_exports_under_xdg_cache_home(tmp_path, monkeypatch):
+    """The serving image mounts the model read-only and sets XDG_CACHE_HOME to a writable /tmp folder."""
+    from service import onnx_forward
+
+    monkeypatch.delenv("REWARD_ONNX_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(onnx_forward, "_writable", lambda folder: False)
+    path = onnx_forward.cache_path(tmp_path / "model", "key")
+    assert path == tmp_path / "xdg" / "reward-service" / "onnx" / "model" / "key.onnx"
