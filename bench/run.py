@@ -356,34 +356,22 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
     def build(per_request: int) -> list[loadgen.Payload]:
         return loadgen.build_payloads(pool.items, lengths, per_request, api=api, max_length=pool.max_length)
 
-    if kind == "64x1":
-        payloads = build(1)
+    if kind in ("64x1", "4x64"):
+        clients, per_request = (args.clients, 1) if kind == "64x1" else (args.batch_clients, args.batch_texts)
+        payloads = build(per_request)
         coro = functools.partial(
             loadgen.closed_loop,
             url,
             payloads,
-            concurrency=args.clients,
+            concurrency=clients,
             warmup_s=args.warmup_s,
             duration_s=args.duration_s,
             client=args.client,
             min_requests=args.min_requests,
             scrape=scrape,
         )
-        description = f"{args.clients} closed-loop clients x 1 text per request"
-    elif kind == "4x64":
-        payloads = build(args.batch_texts)
-        coro = functools.partial(
-            loadgen.closed_loop,
-            url,
-            payloads,
-            concurrency=args.batch_clients,
-            warmup_s=args.warmup_s,
-            duration_s=args.duration_s,
-            client=args.client,
-            min_requests=args.min_requests,
-            scrape=scrape,
-        )
-        description = f"{args.batch_clients} closed-loop clients x {args.batch_texts} texts per request"
+        texts = "1 text" if per_request == 1 else f"{per_request} texts"
+        description = f"{clients} closed-loop clients x {texts} per request"
     else:
         payloads = build(1)
         assert rate is not None

@@ -190,39 +190,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _module_argv(module: str, checkpoint: Path, dtype: str, extra: Sequence[str]) -> list[str]:
+    """``python -m module`` on a free local port, so the benchmark runs the checkout it lives in."""
+    host = ["--host", "127.0.0.1", "--port", str(free_port())]
+    return [sys.executable, "-m", module, "--model", str(checkpoint), *host, "--dtype", dtype, *extra]
+
+
 def service_argv(checkpoint: Path, dtype: str, extra: Sequence[str] = ()) -> list[str]:
-    """``reward-serve`` as a module, so the benchmark runs the checkout it lives in."""
-    return [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "--model",
-        str(checkpoint),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(free_port()),
-        "--dtype",
-        dtype,
-        *extra,
-    ]
+    return _module_argv("service.cli", checkpoint, dtype, extra)
 
 
 def naive_argv(checkpoint: Path, dtype: str, extra: Sequence[str] = ()) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "bench.naive_server",
-        "--model",
-        str(checkpoint),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(free_port()),
-        "--dtype",
-        dtype,
-        *extra,
-    ]
+    return _module_argv("bench.naive_server", checkpoint, dtype, extra)
 
 
 def vllm_argv(
