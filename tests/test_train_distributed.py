@@ -89,6 +89,11 @@ def check_one_complete_checkpoint(result, output_dir: Path, data: Path) -> dict:
     (2 x 4 pairs a step), and exactly one checkpoint was written whose manifest covers every pair once."""
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
+    # All processes leave the group together once training ends, before the main one writes (a process exiting while
+    # the group is open elsewhere can abort in gloo's teardown; a barrier after a long evaluation would time out).
+    wrote_at = log.index("INFO reward-train: wrote ")
+    for rank in range(PROCESSES):
+        assert 0 <= log.find(f"process {rank} of {PROCESSES}: training done, left the process group") < wrote_at
     total_batch = re.search(r"Total train batch size \(w\. parallel, distributed & accumulation\) = (\d+)", log)
     assert total_batch and int(total_batch.group(1)) == PROCESSES * PER_DEVICE_BATCH, log[-4000:]
     # Only the main process writes: one "wrote" line, one set of files, no per-rank folders or adapter files.

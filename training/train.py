@@ -234,6 +234,18 @@ def train(script_args: ScriptArguments, training_args, model_args) -> TrainResul
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started
+    # All processes leave the process group together, before the main one writes and evaluates the checkpoint: a
+    # process that exits while the group is open elsewhere can abort in gloo's teardown ("terminate called without an
+    # active exception"), and a barrier after the write would time out on a long evaluation.
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if accelerator.num_processes > 1:
+        logger.info(
+            "process %d of %d: training done, left the process group",
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
 
     output_dir = Path(training_args.output_dir)
     manifest: dict[str, Any] = {}
