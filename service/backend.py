@@ -171,7 +171,7 @@ def _choose_runner(checkpoint: Any, version: str, backend: str) -> tuple[Any, di
     except onnx_forward.OnnxUnavailable as exc:
         logger.warning("ONNX Runtime backend unavailable, scoring with torch instead: %s", exc)
         return None, {"backend": "torch", "fallback": str(exc)}
-    return runner, {"backend": "onnx", "onnx_path": str(runner.path)}
+    return runner, {"backend": "onnx", "onnx_path": str(runner.path), "onnx_graph": runner.graph}
 
 
 @dataclass(frozen=True)

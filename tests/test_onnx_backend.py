@@ -32,12 +32,15 @@ def _batches(backend: CheckpointBackend) -> list[list[list[int]]]:
     return [[i] for i in ids] + [ids, ids[::-1], ids[1:3]]
 
 
-@pytest.mark.parametrize("model", ["tiny_bert_dir", "tiny_llama_dir"])
-def test_onnx_scores_match_torch_in_every_batch(model, request, tmp_path):
+@pytest.mark.parametrize("model, graph", [("tiny_bert_dir", "bert-cls"), ("tiny_llama_dir", "full")])
+def test_onnx_scores_match_torch_in_every_batch(model, graph, request, tmp_path):
+    """A BERT classifier gets the graph whose last layer runs only at [CLS]; others their own forward. Either way
+    the scores are torch's."""
     path = _copy(request.getfixturevalue(model), tmp_path)
     torch_backend = CheckpointBackend.load(path, backend="torch")
     onnx_backend = CheckpointBackend.load(path, backend="onnx")
     assert onnx_backend.info.extra["backend"] == "onnx" and torch_backend.info.extra["backend"] == "torch"
+    assert onnx_backend.info.extra["onnx_graph"] == graph
     for batch in _batches(torch_backend):  # padded next to longer and shorter neighbours, and alone
         assert onnx_backend.forward(batch) == pytest.approx(torch_backend.forward(batch), abs=1e-5)
 
@@ -94,14 +97,43 @@ def test_auto_keeps_torch_quietly_where_onnx_does_not_apply(tiny_bert_dir, tmp_p
     assert CheckpointBackend.load(path, backend="auto").info.extra["backend"] == "onnx"
 
 
-def test_a_corrupt_cached_graph_falls_back_to_torch(tiny_bert_dir, tmp_path, caplog):
-    path = _copy(tiny_bert_dir, tmp_path)
+@pytest.mark.parametrize("model, fallback", [("tiny_bert_dir", "onnx"), ("tiny_llama_dir", "torch")])
+def test_a_corrupt_cached_graph_falls_back_to_the_next_graph_then_torch(model, fallback, request, tmp_path, caplog):
+    path = _copy(request.getfixturevalue(model), tmp_path)
     exported = Path(CheckpointBackend.load(path, backend="onnx").info.extra["onnx_path"])
     exported.write_bytes(b"not an onnx graph")
     with caplog.at_level(logging.WARNING, logger="reward.backend"):
         backend = CheckpointBackend.load(path, backend="onnx")
-    assert backend.info.extra["backend"] == "torch" and "could not load" in backend.info.extra["fallback"]
-    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "could not load" in warnings[0]
+    assert backend.info.extra["backend"] == fallback
+    if fallback == "onnx":
+        assert backend.info.extra["onnx_graph"] == "full"
+    batch = [backend.formatter.encode({"text": TEXTS[1]}).input_ids]
+    assert backend.forward(batch) == pytest.approx(CheckpointBackend.load(path).forward(batch), abs=1e-5)
+
+
+def test_a_graph_whose_scores_differ_from_torch_is_not_used(tiny_bert_dir, tmp_path, monkeypatch, caplog):
+    """The check against torch guards every graph: a wrong [CLS]-only graph is logged and the full one serves."""
+    from service import onnx_forward
+
+    real = onnx_forward.reward_graph
+
+    def off_by_a_little(model, label_index, graph):
+        module = real(model, label_index, graph)
+        if graph != "bert-cls":
+            return module
+        forward = module.forward
+        module.forward = lambda input_ids, attention_mask: forward(input_ids, attention_mask) + 1e-4
+        return module
+
+    monkeypatch.setattr(onnx_forward, "reward_graph", off_by_a_little)
+    path = _copy(tiny_bert_dir, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="reward.backend"):
+        backend = CheckpointBackend.load(path, backend="onnx")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "bert-cls" in warnings[0] and "differ" in warnings[0]
+    assert backend.info.extra["onnx_graph"] == "full"
 
 
 def test_read_only_checkpoint_exports_to_the_cache_folder(tiny_bert_dir, tmp_path, monkeypatch):
