@@ -10,7 +10,8 @@ is printed (the service's tolerance for scores of the same text is 1e-5).
 
 Backends: ``torch`` (transformers in eager mode, ``--backend torch``), ``onnx`` (ONNX Runtime on the exported
 graph, each text computed alone, unpadded, ``--backend onnx``), ``onnx-padded`` (the same graph on padded batches),
-``compile`` (``torch.compile`` of the same model with dynamic shapes; measured here
+``onnx-full`` (the model's own forward exported whole, one text at a time: what ``onnx`` serves for models other
+than BERT classifiers), ``compile`` (``torch.compile`` of the same model with dynamic shapes; measured here
 only, not a service backend).
 """
 
@@ -43,10 +44,13 @@ def make_forwards(checkpoint: Any, names: Sequence[str], threads: int) -> dict[s
         elif name in ("onnx", "onnx-padded"):
             version = model_version(Path(checkpoint.path), checkpoint.manifest)
             out[name] = onnx_forward.load(checkpoint, version, threads, padded=name == "onnx-padded")
+        elif name == "onnx-full":
+            version = model_version(Path(checkpoint.path), checkpoint.manifest)
+            out[name] = onnx_forward.load_graph(checkpoint, version, threads, "full")
         elif name == "compile":
             out[name] = _compiled_forward(checkpoint)
         else:
-            raise SystemExit(f"bench.backends: unknown backend {name!r} (torch, onnx, onnx-padded, compile)")
+            raise SystemExit(f"bench.backends: unknown backend {name!r} (torch, onnx, onnx-padded, onnx-full, compile)")
     return out
 
 
