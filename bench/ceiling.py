@@ -149,19 +149,27 @@ def measure(
     retries: int = 0,
     contaminated: float = float("inf"),
     min_seconds: float = 0.0,
+    forward_for: Callable[[int], Forward] | None = None,
 ) -> dict[str, Any]:
     """The sweep and the ceiling (the best sorted batch size and worker layout) over ``sequences`` (token-id lists);
     each sorted batch size is timed for at least ``min_seconds`` with each number of ``workers`` (the references for
-    one pass, with one worker)."""
+    one pass, with one worker). ``forward_for(workers)`` is the forward each of that many workers calls (default:
+    torch's, :func:`torch_forward`)."""
     lengths = [len(s) for s in sequences]
-    _warm_up(torch_forward(checkpoint), sequences, max(batch_sizes))
+    if forward_for is None:
+        forward = torch_forward(checkpoint)
+        forward_for = lambda workers: forward  # noqa: E731
+    for n_workers in {1, *workers}:
+        _warm_up(forward_for(n_workers), sequences, max(batch_sizes))
     sweep: dict[str, dict[str, Any]] = {}
     before_pass = before_pass or (lambda: None)
 
     def clean_pass(batches: list[list[int]], seconds: float = 0.0, n_workers: int = 1) -> dict[str, Any]:
         for attempt in range(1 + retries):
             before_pass()
-            result = run_pass(checkpoint, sequences, batches, min_seconds=seconds, workers=n_workers)
+            result = run_pass(
+                checkpoint, sequences, batches, min_seconds=seconds, workers=n_workers, forward=forward_for(n_workers)
+            )
             if (result["cpu"].get("others_cores") or 0.0) <= contaminated or attempt == retries:
                 break
             log(f"  (others used {result['cpu']['others_cores']:.2f} cores during the pass: measuring again)")

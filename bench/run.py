@@ -4,7 +4,8 @@
 
 For each dtype, in this order, with nothing else of ours running at the same time:
 
-1. ``ceiling``: the model called in-process on length-sorted batches, at several batch sizes (the best one is the
+1. ``ceiling``: the model called in-process through the service's own forward (``--backend``: ONNX Runtime or
+   torch, as the service picks it) on length-sorted batches, at several batch sizes (the best one is the
    ceiling), plus two references: one text at a time, and unsorted 64-text batches padded to their longest; the
    best size is timed again after every load scenario, and each scenario is compared with the ceiling timings just
    before and after it (this machine's speed drifts over minutes);
@@ -96,6 +97,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--dtype", default="float32", help="comma-separated dtypes, each benchmarked in full (e.g. float32,bfloat16)"
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="the service's forward (--backend of reward-serve, default auto as there); the ceiling uses the same",
     )
     p.add_argument("--texts", type=int, default=512, help="size of the text pool (default 512)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="hh-rlhf jsonl (demo pairs when absent)")
@@ -296,7 +303,41 @@ def tokenize_pool(pool: TextPool, checkpoint: Any) -> list[list[int]]:
     return [e.input_ids for e in encoded]
 
 
-def run_ceiling(args: argparse.Namespace, checkpoint: Any, sequences: list[list[int]]) -> dict[str, Any]:
+class ServiceForwards:
+    """The forward the service runs (``--backend``, chosen as the service chooses it), made once per worker layout:
+    an ONNX Runtime session has its thread count fixed when it is made (all threads for one worker, one each for
+    two), as the service's workers have. Called with a number of workers, as the ceiling's ``forward_for``."""
+
+    def __init__(self, checkpoint: Any, backend: str):
+        self.checkpoint, self.backend = checkpoint, backend
+        self.made: dict[int, Any] = {}
+        self.info: dict[str, Any] = {}
+
+    def __call__(self, workers: int):
+        import torch
+
+        from bench.ceiling import torch_forward
+        from service.backend import choose_runner, model_version
+
+        if workers not in self.made:
+            total = torch.get_num_threads()
+            torch.set_num_threads(max(1, total // workers))  # the session takes the calling thread's count
+            try:
+                version = model_version(Path(self.checkpoint.path), self.checkpoint.manifest)
+                runner, self.info = choose_runner(self.checkpoint, version, self.backend)
+            finally:
+                torch.set_num_threads(total)
+            self.made[workers] = runner or torch_forward(self.checkpoint)
+        return self.made[workers]
+
+    def describe(self) -> str:
+        graph = self.info.get("onnx_graph")
+        return f"{self.info.get('backend', 'torch')} ({graph} graph)" if graph else self.info.get("backend", "torch")
+
+
+def run_ceiling(
+    args: argparse.Namespace, checkpoint: Any, sequences: list[list[int]], forwards: ServiceForwards
+) -> dict[str, Any]:
     from bench.ceiling import layout, measure
 
     sizes = [int(x) for x in args.ceiling_batch_sizes.split(",") if x.strip()]
@@ -304,6 +345,7 @@ def run_ceiling(args: argparse.Namespace, checkpoint: Any, sequences: list[list[
     result = measure(
         checkpoint,
         sequences,
+        forward_for=forwards,
         batch_sizes=sizes,
         workers=workers,
         references=args.ceiling_references,
@@ -317,8 +359,9 @@ def run_ceiling(args: argparse.Namespace, checkpoint: Any, sequences: list[list[
     best = result["ceiling"]
     return {
         "kind": "in-process",
-        "description": f"model called directly, length-sorted batches of {best['batch_size']}, "
-        f"{layout(best['workers'])} (best of the sweep)",
+        "description": f"model called directly through the service's {forwards.describe()} forward, "
+        f"length-sorted batches of {best['batch_size']}, {layout(best['workers'])} (best of the sweep)",
+        "forward": forwards.info,
         "texts_per_s": best["texts_per_s"],
         "tokens_per_s": best["tokens_per_s"],
         "latency_ms": None,
@@ -445,7 +488,10 @@ def _fmt(x: float | None) -> str:
 def run_dtype(args: argparse.Namespace, checkpoint_dir: Path, dtype: str, pool: TextPool, logs: Path) -> dict[str, Any]:
     log(f"== dtype {dtype}")
     servers = {
-        "service": (SERVICE_SCENARIOS, service_argv(checkpoint_dir, dtype, args.server_arg)),
+        "service": (
+            SERVICE_SCENARIOS,
+            service_argv(checkpoint_dir, dtype, ["--backend", args.backend, *args.server_arg]),
+        ),
         "naive": (NAIVE_SCENARIOS, naive_argv(checkpoint_dir, dtype, args.naive_arg)),
     }
     early: dict[str, Server] = {}
@@ -477,6 +523,7 @@ def _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early) -> dict[
     from training.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_dir, dtype=dtype, device="cpu")
+    forwards = ServiceForwards(checkpoint, args.backend)
     sequences = tokenize_pool(pool, checkpoint)
     scenarios: dict[str, Any] = {}
     out: dict[str, Any] = {"dtype": dtype, "scenarios": scenarios}
@@ -486,13 +533,13 @@ def _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early) -> dict[
         log(f"  vllm server ready in {time.perf_counter() - t0:.1f} s more at {early['vllm'].url}")
         out["vllm_scores"] = check_peer_scores(early["vllm"], pool, checkpoint)
     if "ceiling" in args.scenario_list:
-        scenarios["ceiling"] = run_ceiling(args, checkpoint, sequences)
+        scenarios["ceiling"] = run_ceiling(args, checkpoint, sequences, forwards)
     if args.accuracy_pairs:
         rows, source = held_out_pairs(args.accuracy_pairs, data=args.data)
         out["accuracy"] = {**accuracy_check(checkpoint, rows), "source": source}
         log(f"  held-out accuracy ({dtype}): {out['accuracy']['accuracy']:.4f} over {out['accuracy']['n']} pairs")
     ceiling = scenarios.get("ceiling")
-    clock = CeilingClock(args, checkpoint, sequences, ceiling) if ceiling else None
+    clock = CeilingClock(args, checkpoint, sequences, ceiling, forwards) if ceiling else None
     if clock is None:
         del checkpoint
         gc.collect()
@@ -550,8 +597,16 @@ class CeilingClock:
 
     KEYS = ("texts_per_s", "tokens_per_s", "forward_padded_tokens_per_s")
 
-    def __init__(self, args: argparse.Namespace, checkpoint: Any, sequences: list[list[int]], ceiling: dict[str, Any]):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        checkpoint: Any,
+        sequences: list[list[int]],
+        ceiling: dict[str, Any],
+        forwards: ServiceForwards,
+    ):
         self.args, self.checkpoint, self.sequences, self.ceiling = args, checkpoint, sequences, ceiling
+        self.forwards = forwards
         self.timings = [{k: ceiling["sweep"][ceiling["best"]][k] for k in self.KEYS}]
 
     def tick(self, own_pids: Sequence[int]) -> dict[str, float]:
@@ -566,6 +621,7 @@ class CeilingClock:
             best["batch_size"],
             min_seconds=self.args.ceiling_min_s,
             workers=best["workers"],
+            forward=self.forwards(best["workers"]),
         )
         self.timings.append({k: result[k] for k in self.KEYS} | {"others_cores": result["cpu"].get("others_cores")})
         before, after = self.timings[-2]["texts_per_s"], self.timings[-1]["texts_per_s"]

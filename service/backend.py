@@ -105,7 +105,7 @@ class CheckpointBackend:
             logger.warning("--max-length/--truncation-side are ignored: %s has a manifest, served as trained", path)
         model = checkpoint.model
         version = model_version(Path(path), checkpoint.manifest)
-        runner, extra = _choose_runner(checkpoint, version, backend)
+        runner, extra = choose_runner(checkpoint, version, backend)
         recipe = checkpoint.formatter.recipe.to_dict()
         id2label = getattr(model.config, "id2label", {}) or {}
         label_name = id2label.get(checkpoint.label_index, id2label.get(str(checkpoint.label_index)))
@@ -146,7 +146,7 @@ class CheckpointBackend:
         self.forward([ids, ids[: max(1, len(ids) // 2)]])
 
 
-def _choose_runner(checkpoint: Any, version: str, backend: str) -> tuple[Any, dict[str, Any]]:
+def choose_runner(checkpoint: Any, version: str, backend: str) -> tuple[Any, dict[str, Any]]:
     """The ONNX Runtime forward when ``backend`` asks for it and it can be had, else None (torch); and what was chosen,
     for /info. The thread that loads runs as each inference worker will (``ThreadPlan.apply``), so the session takes
     torch's thread count of this thread."""
