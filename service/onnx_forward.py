@@ -96,10 +96,11 @@ def reward_graph(model: Any, label_index: int, graph: str) -> Any:
             self.classifier = model.classifier
 
         @staticmethod
-        def layer(block: Any, hidden: Any, mask: Any, query: Any) -> Any:
-            """One BERT layer whose outputs are computed at the ``query`` positions (rows of ``hidden``)."""
+        def layer(block: Any, hidden: Any, mask: Any, query: Any, batch: Any) -> Any:
+            """One BERT layer whose outputs are computed at the ``query`` rows of ``hidden``. Both are 2-D
+            (sequences x positions, width): each linear layer is then one matrix product with its bias added in it."""
             attention = block.attention.self
-            batch, width = hidden.shape[0], hidden.shape[-1]
+            width = hidden.shape[-1]
             heads, size = attention.num_attention_heads, attention.attention_head_size
 
             def split(x: Any) -> Any:
@@ -107,18 +108,22 @@ def reward_graph(model: Any, label_index: int, graph: str) -> Any:
 
             q, k, v = split(attention.query(query)), split(attention.key(hidden)), split(attention.value(hidden))
             weights = (q @ k.transpose(-1, -2) * size**-0.5 + mask).softmax(-1)
-            context = (weights @ v).transpose(1, 2).reshape(batch, -1, width)
+            context = (weights @ v).transpose(1, 2).reshape(-1, width)
             x = block.attention.output.LayerNorm(block.attention.output.dense(context) + query)
             return block.output.LayerNorm(block.output.dense(block.intermediate(x)) + x)
 
         def forward(self, input_ids, attention_mask):
+            batch = input_ids.shape[0]
             hidden = self.bert.embeddings(input_ids=input_ids)
+            width = hidden.shape[-1]
             mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+            hidden = hidden.reshape(-1, width)
             *inner, last = self.bert.encoder.layer
             for block in inner:
-                hidden = self.layer(block, hidden, mask, hidden)
-            cls = self.layer(last, hidden, mask, hidden[:, :1])
-            return self.classifier(self.bert.pooler(cls))[:, label_index]
+                hidden = self.layer(block, hidden, mask, hidden, batch)
+            cls = self.layer(last, hidden, mask, hidden.view(batch, -1, width)[:, 0], batch)
+            pooler = self.bert.pooler
+            return self.classifier(pooler.activation(pooler.dense(cls)))[:, label_index]
 
     return ClsOnlyLastLayer().eval()
 
