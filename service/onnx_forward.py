@@ -83,11 +83,8 @@ def reward_graph(model: Any, label_index: int, graph: str) -> Any:
 
         return RewardLogit().eval()
 
-    config = model.config
-    if type(model).__name__ != "BertForSequenceClassification" or config.is_decoder:
-        raise OnnxUnavailable(f"the bert-cls graph is for BERT encoders, not {type(model).__name__}")
-    if getattr(config, "position_embedding_type", "absolute") != "absolute":
-        raise OnnxUnavailable(f"the bert-cls graph takes absolute positions, not {config.position_embedding_type}")
+    if graph != "bert-cls" or graph not in graphs_for(model):
+        raise OnnxUnavailable(f"no {graph} graph for {type(model).__name__}")
 
     class ClsOnlyLastLayer(torch.nn.Module):
         def __init__(self):
@@ -227,8 +224,15 @@ def check_batches(checkpoint: Any) -> list[list[list[int]]]:
 
 
 def graphs_for(model: Any) -> list[str]:
-    """The graphs to try for ``model``, fastest first: ``bert-cls`` for a BERT classifier, then ``full``."""
-    return ["bert-cls", "full"] if type(model).__name__ == "BertForSequenceClassification" else ["full"]
+    """The graphs to try for ``model``, fastest first: ``bert-cls`` for a BERT classifier (an encoder with absolute
+    positions), then ``full``."""
+    config = model.config
+    bert = (
+        type(model).__name__ == "BertForSequenceClassification"
+        and not getattr(config, "is_decoder", False)
+        and getattr(config, "position_embedding_type", "absolute") == "absolute"
+    )
+    return ["bert-cls", "full"] if bert else ["full"]
 
 
 def load(checkpoint: Any, version: str, threads: int, *, padded: bool = False) -> OnnxForward:
