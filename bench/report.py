@@ -95,6 +95,13 @@ def markdown(report: dict[str, Any]) -> str:
                 for k, v in s["ceiling"]["sweep"].items()
             )
             lines += ["", f"Ceiling sweep (in-process, texts/s): {sweep}."]
+            check = s["ceiling"].get("scores_vs_torch")
+            if check:
+                lines += [
+                    "",
+                    f"The service's forward ({check['forward']}) against the checkpoint in transformers, every text of "
+                    f"the pool: largest score difference {check['max_abs_diff']:.2g} over {check['texts']} texts.",
+                ]
             if "timings" in s["ceiling"]:
                 c = s["ceiling"]
                 around = "; ".join(

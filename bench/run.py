@@ -335,6 +335,20 @@ class ServiceForwards:
         return f"{self.info.get('backend', 'torch')} ({graph} graph)" if graph else self.info.get("backend", "torch")
 
 
+def scores_vs_torch(checkpoint: Any, sequences: list[list[int]], forward: Any, name: str) -> dict[str, Any]:
+    """The served forward's scores for every text of the pool against transformers' on the same checkpoint: a
+    faster forward counts only if it scores what the trained model scores (the service's tolerance is 1e-5)."""
+    from bench.ceiling import _batches_sorted
+    from training.checkpoint import forward_scores
+
+    worst = 0.0
+    for batch in _batches_sorted([len(s) for s in sequences], 8):
+        texts = [sequences[i] for i in batch]
+        got, want = forward(texts), forward_scores(checkpoint, texts)
+        worst = max(worst, *(abs(a - b) for a, b in zip(got, want, strict=True)))
+    return {"forward": name, "texts": len(sequences), "max_abs_diff": worst}
+
+
 def run_ceiling(
     args: argparse.Namespace, checkpoint: Any, sequences: list[list[int]], forwards: ServiceForwards
 ) -> dict[str, Any]:
@@ -357,6 +371,11 @@ def run_ceiling(
         min_seconds=args.ceiling_min_s,
     )
     best = result["ceiling"]
+    if forwards.info.get("backend", "torch") != "torch":
+        result["scores_vs_torch"] = scores_vs_torch(checkpoint, sequences, forwards(1), forwards.describe())
+        log(
+            f"  {forwards.describe()} scores vs torch's: largest difference {result['scores_vs_torch']['max_abs_diff']}"
+        )
     return {
         "kind": "in-process",
         "description": f"model called directly through the service's {forwards.describe()} forward, "

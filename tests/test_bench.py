@@ -81,6 +81,8 @@ def test_ratios_batching_and_outputs(smoke_report):
     # The ceiling is the service's own forward (--backend auto: ONNX Runtime on a float32 CPU model, [CLS]-only graph
     # for the tiny BERT), not a slower one that would flatter the service.
     assert ceiling["forward"]["backend"] == "onnx" and ceiling["forward"]["onnx_graph"] == "bert-cls"
+    check = ceiling["scores_vs_torch"]  # and it scores every text of the pool as the trained model does
+    assert check["texts"] == report["texts"]["n"] and 0 <= check["max_abs_diff"] <= 1e-5
     # The naive server never batches across requests: one-text requests make one-item forwards.
     assert run["scenarios"]["naive_64x1"]["mean_items_per_forward"] == 1  # exact: items / forwards, two counts
     assert {t["target"] for t in report["targets"]} >= {"service_64x1_vs_ceiling", "service_4x64_vs_naive"}
