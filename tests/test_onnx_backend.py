@@ -178,3 +178,17 @@ def test_without_an_onnx_cache_variable_a_read_only_checkpoint_exports_under_xdg
     monkeypatch.setattr(onnx_forward, "_writable", lambda folder: False)
     path = onnx_forward.cache_path(tmp_path / "model", "key")
     assert path == tmp_path / "xdg" / "reward-service" / "onnx" / "model" / "key.onnx"
+
+
+def test_reward_export_writes_the_graph_the_service_then_loads(tiny_bert_dir, tmp_path, capsys, caplog):
+    """``reward-export`` (e.g. in a container build) leaves the checked graph where the service looks for it."""
+    from service import onnx_forward
+
+    path = _copy(tiny_bert_dir, tmp_path)
+    assert onnx_forward.main([str(path)]) == 0
+    exported = Path(capsys.readouterr().out.strip())
+    assert exported.is_file() and exported.parent == path / "onnx" and "bert-cls" in exported.name
+    with caplog.at_level(logging.INFO, logger="reward.backend"):
+        backend = CheckpointBackend.load(path, backend="onnx")
+    assert backend.info.extra["onnx_path"] == str(exported)
+    assert not any("exported" in r.getMessage() for r in caplog.records)
