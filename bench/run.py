@@ -560,7 +560,7 @@ def _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early) -> dict[
     ceiling = scenarios.get("ceiling")
     clock = CeilingClock(args, checkpoint, sequences, ceiling, forwards) if ceiling else None
     if clock is None:
-        del checkpoint
+        del checkpoint, forwards
         gc.collect()
 
     ceiling_rate = ceiling["texts_per_s"] if ceiling else None
