@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,17 +59,22 @@ def write_jsonl(path: str | Path, rows) -> Path:
 def run_module(
     module: str, *args: str, timeout: float = 240, cwd: str | Path | None = None
 ) -> subprocess.CompletedProcess:
-    """``python -m module args...`` in a subprocess from the repository root; output captured as text."""
+    """``python -m module args...`` in a subprocess from the repository root; output captured as text. On timeout
+    the whole process group is killed (a launcher such as torchrun leaves its workers running otherwise)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
-        cwd=str(cwd or REPO_ROOT),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    argv = [sys.executable, "-m", module, *map(str, args)]
+    pipe = subprocess.PIPE
+    with subprocess.Popen(
+        argv, cwd=str(cwd or REPO_ROOT), env=env, stdout=pipe, stderr=pipe, text=True, start_new_session=True
+    ) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(argv, process.returncode, out, err)
 
 
 def reward_train_argv(model_dir: Path, dataset: Path, output_dir: Path, *extra: str) -> list[str]:
