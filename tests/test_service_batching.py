@@ -62,6 +62,25 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
 
 
+def batches_queued_behind_a_busy_worker(limits: BatchLimits, lengths: list[int]) -> list[list[int]]:
+    """One-text requests of ``lengths`` queued, in this order, while the only worker is busy; then released. Returns
+    the lengths in each batch the worker then formed, in the order it ran them."""
+    forward = RecordingForward()
+    forward.release.clear()
+    batcher = Batcher(forward, limits).start()
+
+    async def main():
+        blocker = batcher.submit([seq(0, 2)])
+        await asyncio.to_thread(forward.entered.wait, 5)
+        futures = [batcher.submit([seq(100 + i, n)]) for i, n in enumerate(lengths)]
+        forward.release.set()
+        await asyncio.gather(blocker, *futures)
+
+    run(main())
+    batcher.stop(5)
+    return [[len(ids) for ids in b] for b in forward.batches[1:]]
+
+
 def test_results_come_back_in_order_and_requests_share_a_forward():
     forward = RecordingForward()
     reports = Reports()
@@ -102,22 +121,9 @@ def test_batches_respect_size_and_padded_token_limits():
 
 
 def test_each_batch_holds_the_oldest_item_and_groups_similar_lengths():
-    forward = RecordingForward()
-    forward.release.clear()
-    batcher = Batcher(forward, BatchLimits(max_batch_tokens=10_000, max_batch_size=3, max_wait_s=0.0)).start()
-
-    async def main():
-        blocker = batcher.submit([seq(0, 2)])
-        await asyncio.to_thread(forward.entered.wait, 5)
-        # Arrival order: a long one first, then short ones interleaved with other long ones.
-        lengths = [50, 5, 51, 6, 52, 7, 53, 8]
-        futures = [batcher.submit([seq(100 + i, n)]) for i, n in enumerate(lengths)]
-        forward.release.set()
-        await asyncio.gather(blocker, *futures)
-
-    run(main())
-    batcher.stop(5)
-    batches = [[len(ids) for ids in b] for b in forward.batches[1:]]
+    limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=3, max_wait_s=0.0)
+    # Arrival order: a long one first, then short ones interleaved with other long ones.
+    batches = batches_queued_behind_a_busy_worker(limits, [50, 5, 51, 6, 52, 7, 53, 8])
     # the oldest (50) goes first, with its nearest lengths; then the oldest remaining (5) with the short ones
     assert sorted(batches[0]) == [50, 51, 52]
     assert sorted(batches[1]) == [5, 6, 7]
@@ -126,22 +132,10 @@ def test_each_batch_holds_the_oldest_item_and_groups_similar_lengths():
 
 @pytest.mark.parametrize("overhead, expected_batches", [(0, [[10, 10, 10, 40]]), (16, [[10, 10, 10], [40]])])
 def test_overhead_tokens_leave_an_item_that_costs_more_padding_than_it_saves(overhead, expected_batches):
-    forward = RecordingForward()
-    forward.release.clear()
     limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=8, max_wait_s=0.0, overhead_tokens=overhead)
-    batcher = Batcher(forward, limits).start()
-
-    async def main():
-        blocker = batcher.submit([seq(0, 2)])
-        await asyncio.to_thread(forward.entered.wait, 5)
-        futures = [batcher.submit([seq(100 + i, n)]) for i, n in enumerate([10, 10, 10, 40])]
-        forward.release.set()
-        await asyncio.gather(blocker, *futures)
-
-    run(main())
-    batcher.stop(5)
+    batches = batches_queued_behind_a_busy_worker(limits, [10, 10, 10, 40])
     # 3 x 10 real in 16 + 30 padded (0.65) against 70 real in 16 + 160 padded (0.40): without an overhead the 40 joins
-    assert [sorted(len(ids) for ids in b) for b in forward.batches[1:]] == expected_batches
+    assert [sorted(b) for b in batches] == expected_batches
 
 
 def test_a_long_item_is_not_starved_by_a_stream_of_short_ones():
@@ -304,19 +298,7 @@ def test_a_batcher_needs_a_worker():
 def test_window_items_limits_neighbours_to_the_oldest_waiting(window, expected_first):
     """With a window, a batch's neighbours come from the oldest waiting items only, whatever their lengths: later
     arrivals of the oldest's length do not overtake the items between them."""
-    forward = RecordingForward()
-    forward.release.clear()
     limits = BatchLimits(max_batch_tokens=10_000, max_batch_size=3, max_wait_s=0.0, window_items=window)
-    batcher = Batcher(forward, limits).start()
-
-    async def main():
-        blocker = batcher.submit([seq(0, 2)])
-        await asyncio.to_thread(forward.entered.wait, 5)
-        futures = [batcher.submit([seq(100 + i, n)]) for i, n in enumerate([5, 9, 40, 5, 5])]
-        forward.release.set()
-        await asyncio.gather(blocker, *futures)
-
-    run(main())
-    batcher.stop(5)
-    assert sorted(len(ids) for ids in forward.batches[1]) == expected_first
-    assert sorted(len(ids) for b in forward.batches[1:] for ids in b) == [5, 5, 5, 9, 40]
+    batches = batches_queued_behind_a_busy_worker(limits, [5, 9, 40, 5, 5])
+    assert sorted(batches[0]) == expected_first
+    assert sorted(n for b in batches for n in b) == [5, 5, 5, 9, 40]
