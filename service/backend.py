@@ -158,14 +158,8 @@ def choose_runner(checkpoint: Any, version: str, backend: str) -> tuple[Any, dic
 
     from service import onnx_forward
 
-    model = checkpoint.model
-    if backend == "auto":
-        if str(model.device) != "cpu" or model.dtype != torch.float32:
-            return None, {"backend": "torch"}
-        try:
-            import onnxruntime  # noqa: F401  (auto: onnx only where it is installed, silently torch otherwise)
-        except ImportError:
-            return None, {"backend": "torch"}
+    if backend == "auto" and onnx_forward.unavailable_reason(checkpoint.model) is not None:
+        return None, {"backend": "torch"}  # auto: onnx only where it applies and is installed, silently torch otherwise
     try:
         runner = onnx_forward.load(checkpoint, version, max(1, torch.get_num_threads()))
     except onnx_forward.OnnxUnavailable as exc:

@@ -223,6 +223,19 @@ def check_batches(checkpoint: Any) -> list[list[list[int]]]:
     return [[encoded[0]], [encoded[0][:1]], encoded, [encoded[1], encoded[1][: max(1, len(encoded[1]) // 3)]]]
 
 
+def unavailable_reason(model: Any) -> str | None:
+    """Why ``model`` cannot be served through ONNX Runtime here whatever its architecture, or None."""
+    import torch
+
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "onnxruntime is not installed (pip install 'reward-service[onnx]')"
+    if str(model.device) != "cpu" or model.dtype != torch.float32:
+        return f"exported only from a float32 model on the CPU, not {model.dtype} on {model.device}"
+    return None
+
+
 def graphs_for(model: Any) -> list[str]:
     """The graphs to try for ``model``, fastest first: ``bert-cls`` for a BERT classifier (an encoder with absolute
     positions), then ``full``."""
@@ -241,16 +254,10 @@ def load(checkpoint: Any, version: str, threads: int, *, padded: bool = False) -
     The graphs of :func:`graphs_for` are tried in turn; one that cannot be exported or whose scores differ from
     torch's is logged and the next is tried. Raises :class:`OnnxUnavailable` when none can be had (no onnxruntime,
     export failed, scores differ)."""
-    try:
-        import onnxruntime  # noqa: F401  (fail before a costly export when it is missing)
-    except ImportError as exc:
-        raise OnnxUnavailable("onnxruntime is not installed (pip install 'reward-service[onnx]')") from exc
-    import torch
-
-    model = checkpoint.model
-    if str(model.device) != "cpu" or model.dtype != torch.float32:
-        raise OnnxUnavailable(f"exported only from a float32 model on the CPU, not {model.dtype} on {model.device}")
-    graphs = graphs_for(model)
+    reason = unavailable_reason(checkpoint.model)  # before a costly export
+    if reason is not None:
+        raise OnnxUnavailable(reason)
+    graphs = graphs_for(checkpoint.model)
     for graph in graphs:
         try:
             return load_graph(checkpoint, version, threads, graph, padded=padded)
