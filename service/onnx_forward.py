@@ -30,6 +30,8 @@ logger = logging.getLogger("reward.backend")
 # Largest allowed |onnx - torch| on the check batches: the service's tolerance for scores of the same text.
 MAX_SCORE_DIFF = 1e-5
 OPSET = 18
+# Raised whenever the way a graph is written changes, so that graphs cached by an earlier release are exported anew.
+GRAPH_REVISION = 2
 CHECK_TEXTS = (
     "Warm-up: is this a helpful answer?",
     "Human: How do I bake bread?\n\nAssistant: Mix flour, water, salt and yeast, let it rise, then bake it.",
@@ -58,7 +60,8 @@ def _writable(folder: Path) -> bool:
 def cache_key(version: str, label_index: int, graph: str = "full") -> str:
     import torch
 
-    return f"{version}-label{label_index}-{graph}-torch{torch.__version__.split('+')[0]}-opset{OPSET}"
+    torch_version = torch.__version__.split("+")[0]
+    return f"{version}-label{label_index}-{graph}-r{GRAPH_REVISION}-torch{torch_version}-opset{OPSET}"
 
 
 def reward_graph(model: Any, label_index: int, graph: str) -> Any:
@@ -67,8 +70,9 @@ def reward_graph(model: Any, label_index: int, graph: str) -> Any:
 
     A BERT classifier reads one position of the last layer (the pooler takes [CLS]), and every other position
     contributes to it only through its keys and values, so the last layer's query, attention output and
-    feed-forward run for one token instead of all of them: about a sixth of MiniLM-L6's arithmetic is skipped, and
-    the scores are the same up to float rounding (checked against torch before use)."""
+    feed-forward run for one token instead of all of them, and its keys and values are never formed (see
+    ``cls_layer``): nearly a sixth of MiniLM-L6's arithmetic is skipped, and the scores are the same up to float
+    rounding (checked against torch before use)."""
     import torch
 
     if graph == "full":
@@ -86,6 +90,11 @@ def reward_graph(model: Any, label_index: int, graph: str) -> Any:
     if graph != "bert-cls" or graph not in graphs_for(model):
         raise OnnxUnavailable(f"no {graph} graph for {type(model).__name__}")
 
+    def feed_forward(block: Any, context: Any, residual: Any) -> Any:
+        """The rest of a BERT layer after attention: output projection, residual, norm, feed-forward, norm."""
+        x = block.attention.output.LayerNorm(block.attention.output.dense(context) + residual)
+        return block.output.LayerNorm(block.output.dense(block.intermediate(x)) + x)
+
     class ClsOnlyLastLayer(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -93,9 +102,9 @@ def reward_graph(model: Any, label_index: int, graph: str) -> Any:
             self.classifier = model.classifier
 
         @staticmethod
-        def layer(block: Any, hidden: Any, mask: Any, query: Any, batch: Any) -> Any:
-            """One BERT layer whose outputs are computed at the ``query`` rows of ``hidden``. Both are 2-D
-            (sequences x positions, width): each linear layer is then one matrix product with its bias added in it."""
+        def layer(block: Any, hidden: Any, mask: Any, batch: Any) -> Any:
+            """One BERT layer over 2-D ``hidden`` (sequences x positions, width): each linear layer is then one
+            matrix product with its bias added in it."""
             attention = block.attention.self
             width = hidden.shape[-1]
             heads, size = attention.num_attention_heads, attention.attention_head_size
@@ -103,11 +112,29 @@ def reward_graph(model: Any, label_index: int, graph: str) -> Any:
             def split(x: Any) -> Any:
                 return x.view(batch, -1, heads, size).transpose(1, 2)
 
-            q, k, v = split(attention.query(query)), split(attention.key(hidden)), split(attention.value(hidden))
+            q, k, v = split(attention.query(hidden)), split(attention.key(hidden)), split(attention.value(hidden))
             weights = (q @ k.transpose(-1, -2) * size**-0.5 + mask).softmax(-1)
-            context = (weights @ v).transpose(1, 2).reshape(-1, width)
-            x = block.attention.output.LayerNorm(block.attention.output.dense(context) + query)
-            return block.output.LayerNorm(block.output.dense(block.intermediate(x)) + x)
+            return feed_forward(block, (weights @ v).transpose(1, 2).reshape(-1, width), hidden)
+
+        @staticmethod
+        def cls_layer(block: Any, hidden: Any, mask: Any, batch: Any) -> Any:
+            """The last layer at the [CLS] position only, without forming its keys and values: a key enters only
+            as q . (W_k h + b_k) = (W_k^T q) . h + q . b_k, whose last term is the same at every position and
+            cancels in the softmax; a value only as sum a (W_v h + b_v) = W_v (sum a h) + b_v, the weights summing
+            to 1. So the [CLS] query goes through the key weights and the weighted hidden states through the value
+            weights, per head: two products of one row instead of two of every position."""
+            attention = block.attention.self
+            width = hidden.shape[-1]
+            heads, size = attention.num_attention_heads, attention.attention_head_size
+            states = hidden.view(batch, -1, width)
+            cls = states[:, 0]
+            query = attention.query(cls).view(batch, heads, 1, size)
+            key_query = query @ attention.key.weight.view(heads, size, width)  # (batch, heads, 1, width)
+            weights = (key_query @ states.transpose(1, 2)[:, None] * size**-0.5 + mask).softmax(-1)
+            mixed = weights @ states[:, None]  # (batch, heads, 1, width): the weighted hidden states
+            value_weight = attention.value.weight.view(heads, size, width).transpose(-1, -2)
+            context = (mixed @ value_weight).reshape(batch, width) + attention.value.bias
+            return feed_forward(block, context, cls)
 
         def forward(self, input_ids, attention_mask):
             batch = input_ids.shape[0]
@@ -117,8 +144,8 @@ def reward_graph(model: Any, label_index: int, graph: str) -> Any:
             hidden = hidden.reshape(-1, width)
             *inner, last = self.bert.encoder.layer
             for block in inner:
-                hidden = self.layer(block, hidden, mask, hidden, batch)
-            cls = self.layer(last, hidden, mask, hidden.view(batch, -1, width)[:, 0], batch)
+                hidden = self.layer(block, hidden, mask, batch)
+            cls = self.cls_layer(last, hidden, mask, batch)
             pooler = self.bert.pooler
             return self.classifier(pooler.activation(pooler.dense(cls)))[:, label_index]
 

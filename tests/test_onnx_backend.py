@@ -27,6 +27,21 @@ def _copy(src: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(src, tmp_path / src.name))
 
 
+def _random_biases(path: Path) -> Path:
+    """Give every bias and norm of the checkpoint random values: initialised models have them at 0 and 1, which
+    hides a graph that drops or misplaces one."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for name, tensor in weights.items():
+        if name.endswith(("bias", "LayerNorm.weight", "norm.weight")):
+            weights[name] = tensor + 0.5 * torch.randn(tensor.shape, generator=generator)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
 def _batches(backend: CheckpointBackend) -> list[list[list[int]]]:
     ids = [backend.formatter.encode({"text": t}).input_ids for t in TEXTS]
     return [[i] for i in ids] + [ids, ids[::-1], ids[1:3]]
@@ -35,8 +50,8 @@ def _batches(backend: CheckpointBackend) -> list[list[list[int]]]:
 @pytest.mark.parametrize("model, graph", [("tiny_bert_dir", "bert-cls"), ("tiny_llama_dir", "full")])
 def test_onnx_scores_match_torch_in_every_batch(model, graph, request, tmp_path):
     """A BERT classifier gets the graph whose last layer runs only at [CLS]; others their own forward. Either way
-    the scores are torch's."""
-    path = _copy(request.getfixturevalue(model), tmp_path)
+    the scores are torch's, with every weight, bias and norm random."""
+    path = _random_biases(_copy(request.getfixturevalue(model), tmp_path))
     torch_backend = CheckpointBackend.load(path, backend="torch")
     onnx_backend = CheckpointBackend.load(path, backend="onnx")
     assert onnx_backend.info.extra["backend"] == "onnx" and torch_backend.info.extra["backend"] == "torch"
