@@ -9,8 +9,9 @@ served by torch, with one warning in the log saying why.
 
 The exported file is cached as ``<checkpoint>/onnx/<key>.onnx`` (or under ``$REWARD_ONNX_CACHE`` /
 ``~/.cache/reward-service/onnx`` when the checkpoint folder is read-only), keyed by the model version, the reward
-label, the graph and the torch version, so a new checkpoint or a new exporter never reuses a stale graph.
-``reward-export`` writes it ahead of time (e.g. in a container build).
+label, the graph and its revision (:data:`GRAPH_REVISION`), the torch version and the opset, so a new checkpoint, a
+new way of writing the graph or a new exporter never reuses a stale graph. ``reward-export`` writes it ahead of time
+(e.g. in a container build).
 """
 
 from __future__ import annotations
