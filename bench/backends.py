@@ -34,7 +34,7 @@ Forward = Callable[[list[list[int]]], list[float]]
 
 def make_forwards(checkpoint: Any, names: Sequence[str], threads: int) -> dict[str, Forward]:
     """Each named backend's forward over ``checkpoint``, for workers with ``threads`` threads each."""
-    from service import onnx_forward
+    from service import onnx_session
     from service.backend import model_version
 
     out: dict[str, Forward] = {}
@@ -43,10 +43,10 @@ def make_forwards(checkpoint: Any, names: Sequence[str], threads: int) -> dict[s
             out[name] = torch_forward(checkpoint)
         elif name in ("onnx", "onnx-padded"):
             version = model_version(Path(checkpoint.path), checkpoint.manifest)
-            out[name] = onnx_forward.load(checkpoint, version, threads, padded=name == "onnx-padded")
+            out[name] = onnx_session.load(checkpoint, version, threads, padded=name == "onnx-padded")
         elif name == "onnx-full":
             version = model_version(Path(checkpoint.path), checkpoint.manifest)
-            out[name] = onnx_forward.load_graph(checkpoint, version, threads, "full")
+            out[name] = onnx_session.load_graph(checkpoint, version, threads, "full")
         elif name == "compile":
             out[name] = _compiled_forward(checkpoint)
         else:

@@ -149,23 +149,34 @@ class CheckpointBackend:
 def choose_runner(checkpoint: Any, version: str, backend: str) -> tuple[Any, dict[str, Any]]:
     """The ONNX Runtime forward when ``backend`` asks for it and it can be had, else None (torch); and what was chosen,
     for /info. The thread that loads runs as each inference worker will (``ThreadPlan.apply``), so the session takes
-    torch's thread count of this thread."""
+    torch's thread count of this thread.
+
+    Where ONNX Runtime is tried and the model's architecture has a fast graph (:mod:`service.graphs`) that it does
+    not get, ``fast_graph_missing`` says which and why (also in /info and the ``reward_fast_graph_missing`` metric),
+    and the log has a warning."""
     if backend == "torch":
         return None, {"backend": "torch"}
     if backend not in ("onnx", "auto"):
         raise ValueError(f"backend must be torch, onnx or auto, not {backend!r}")
     import torch
 
-    from service import onnx_forward
+    from service import graphs, onnx_session
 
-    if backend == "auto" and onnx_forward.unavailable_reason(checkpoint.model) is not None:
+    if backend == "auto" and onnx_session.unavailable_reason(checkpoint.model) is not None:
         return None, {"backend": "torch"}  # auto: onnx only where it applies and is installed, silently torch otherwise
     try:
-        runner = onnx_forward.load(checkpoint, version, max(1, torch.get_num_threads()))
-    except onnx_forward.OnnxUnavailable as exc:
+        runner = onnx_session.load(checkpoint, version, max(1, torch.get_num_threads()))
+    except onnx_session.OnnxUnavailable as exc:
         logger.warning("ONNX Runtime backend unavailable, scoring with torch instead: %s", exc)
-        return None, {"backend": "torch", "fallback": str(exc)}
-    return runner, {"backend": "onnx", "onnx_path": str(runner.path), "onnx_graph": runner.graph}
+        runner, skipped = None, exc.skipped
+        extra: dict[str, Any] = {"backend": "torch", "fallback": str(exc)}
+    else:
+        skipped = runner.skipped
+        extra = {"backend": "onnx", "onnx_path": str(runner.path), "onnx_graph": runner.graph}
+    fast = graphs.fast_graph_for(checkpoint.model)
+    if fast is not None and extra.get("onnx_graph") != fast:
+        extra["fast_graph_missing"] = f"{fast}: {skipped.get(fast, 'not tried')}"
+    return runner, extra
 
 
 @dataclass(frozen=True)

@@ -130,34 +130,46 @@ def test_a_corrupt_cached_graph_falls_back_to_the_next_graph_then_torch(model, f
 
 def test_a_graph_whose_scores_differ_from_torch_is_not_used(tiny_bert_dir, tmp_path, monkeypatch, caplog):
     """The check against torch guards every graph: a wrong [CLS]-only graph is logged and the full one serves."""
-    from service import onnx_forward
+    from service import graphs
+    from service.graphs import bert
 
-    real = onnx_forward.reward_graph
-
-    def off_by_a_little(model, label_index, graph):
-        module = real(model, label_index, graph)
-        if graph != "bert-cls":
-            return module
+    def off_by_a_little(model, label_index):
+        module = bert.build(model, label_index)
         forward = module.forward
         module.forward = lambda input_ids, attention_mask: forward(input_ids, attention_mask) + 1e-4
         return module
 
-    monkeypatch.setattr(onnx_forward, "reward_graph", off_by_a_little)
+    monkeypatch.setattr(graphs, "FAST_GRAPHS", (graphs.Graph(bert.NAME, bert.applies, off_by_a_little),))
     path = _copy(tiny_bert_dir, tmp_path)
     with caplog.at_level(logging.WARNING, logger="reward.backend"):
         backend = CheckpointBackend.load(path, backend="onnx")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "bert-cls" in warnings[0] and "differ" in warnings[0]
     assert backend.info.extra["onnx_graph"] == "full"
+    assert backend.info.extra["fast_graph_missing"].startswith("bert-cls: exported scores differ")
+
+
+def test_a_renamed_transformers_internal_stops_the_fast_graph_by_name(tiny_bert_dir):
+    """The [CLS]-only graph is written against transformers' BERT modules: one that is not where the graph looks
+    for it is named in the error, before any export."""
+    from service import graphs
+
+    model = CheckpointBackend.load(tiny_bert_dir).checkpoint.model
+    assert graphs.graphs_for(model) == ["bert-cls", "full"]
+    block = model.bert.encoder.layer[-1].attention
+    block.add_module("self_attention", block.self)  # as a release that renamed it would have it
+    del block.self
+    with pytest.raises(graphs.GraphMismatch, match=r"attention\.self\.query, and BertAttention has no 'self'"):
+        graphs.build(model, 0, "bert-cls")
 
 
 def test_read_only_checkpoint_exports_to_the_cache_folder(tiny_bert_dir, tmp_path, monkeypatch):
-    from service import onnx_forward
+    from service import onnx_session
 
     path = _copy(tiny_bert_dir, tmp_path)
     monkeypatch.setenv("REWARD_ONNX_CACHE", str(tmp_path / "cache"))
     # A read-only folder, as a mounted volume is; chmod cannot make one for root, which writes anyway.
-    monkeypatch.setattr(onnx_forward, "_writable", lambda folder: False)
+    monkeypatch.setattr(onnx_session, "_writable", lambda folder: False)
     backend = CheckpointBackend.load(path, backend="onnx")
     assert Path(backend.info.extra["onnx_path"]).parent == tmp_path / "cache" / path.name
     assert not (path / "onnx").exists()
@@ -186,21 +198,21 @@ def test_unpadded_backend_serves_first_come_first_served(backend, window, expect
 
 def test_without_an_onnx_cache_variable_a_read_only_checkpoint_exports_under_xdg_cache_home(tmp_path, monkeypatch):
     """The serving image mounts the model read-only and sets XDG_CACHE_HOME to a writable /tmp folder."""
-    from service import onnx_forward
+    from service import onnx_session
 
     monkeypatch.delenv("REWARD_ONNX_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(onnx_forward, "_writable", lambda folder: False)
-    path = onnx_forward.cache_path(tmp_path / "model", "key")
+    monkeypatch.setattr(onnx_session, "_writable", lambda folder: False)
+    path = onnx_session.cache_path(tmp_path / "model", "key")
     assert path == tmp_path / "xdg" / "reward-service" / "onnx" / "model" / "key.onnx"
 
 
 def test_reward_export_writes_the_graph_the_service_then_loads(tiny_bert_dir, tmp_path, capsys, caplog):
     """``reward-export`` (e.g. in a container build) leaves the checked graph where the service looks for it."""
-    from service import onnx_forward
+    from service.export_cli import main
 
     path = _copy(tiny_bert_dir, tmp_path)
-    assert onnx_forward.main([str(path)]) == 0
+    assert main([str(path)]) == 0
     exported = Path(capsys.readouterr().out.strip())
     assert exported.is_file() and exported.parent == path / "onnx" and "bert-cls" in exported.name
     with caplog.at_level(logging.INFO, logger="reward.backend"):

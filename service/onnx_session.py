@@ -2,29 +2,30 @@
 
 ``reward-serve --backend onnx`` (or ``auto`` on a CPU) scores with an ONNX Runtime session instead of transformers
 in eager mode. The graph is exported from the loaded model itself (``torch.onnx.export``), so it computes what the
-checkpoint computes; for a BERT classifier, the last layer is computed only where the reward is read (the [CLS]
-position, see :func:`reward_graph`). Before it is used, its scores on a few padded batches are compared with
-torch's; a model that cannot be exported, or whose exported scores differ by more than :data:`MAX_SCORE_DIFF`, is
+checkpoint computes; :mod:`service.graphs` says which graphs apply to a model, fastest first (a BERT classifier's
+last layer computed only where the reward is read, then the model's own forward). Before it is used, a graph's
+scores on a few padded batches are compared with torch's; a graph that cannot be exported, or whose exported scores
+differ by more than :data:`MAX_SCORE_DIFF`, is logged and the next one tried; when none can be had the model is
 served by torch, with one warning in the log saying why.
 
 The exported file is cached as ``<checkpoint>/onnx/<key>.onnx`` (or under ``$REWARD_ONNX_CACHE`` /
 ``~/.cache/reward-service/onnx`` when the checkpoint folder is read-only), keyed by the model version, the reward
 label, the graph and its revision (:data:`GRAPH_REVISION`), the torch version and the opset, so a new checkpoint, a
-new way of writing the graph or a new exporter never reuses a stale graph. ``reward-export`` writes it ahead of time
-(e.g. in a container build).
+new way of writing the graph or a new exporter never reuses a stale graph. ``reward-export``
+(:mod:`service.export_cli`) writes it ahead of time (e.g. in a container build).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from service import graphs
 
 logger = logging.getLogger("reward.backend")
 
@@ -41,7 +42,12 @@ CHECK_TEXTS = (
 
 
 class OnnxUnavailable(RuntimeError):
-    """This model cannot be served through ONNX Runtime here; the message says why."""
+    """This model cannot be served through ONNX Runtime here; the message says why, ``skipped`` why each graph
+    tried was not used."""
+
+    def __init__(self, message: str, skipped: dict[str, str] | None = None):
+        super().__init__(message)
+        self.skipped = skipped or {}
 
 
 def cache_path(checkpoint_dir: Path, key: str) -> Path:
@@ -65,100 +71,12 @@ def cache_key(version: str, label_index: int, graph: str = "full") -> str:
     return f"{version}-label{label_index}-{graph}-r{GRAPH_REVISION}-torch{torch_version}-opset{OPSET}"
 
 
-def reward_graph(model: Any, label_index: int, graph: str) -> Any:
-    """The module exported as ``graph``: the model's own forward (``full``), or for a BERT classifier, the same
-    arithmetic with the last layer computed for the [CLS] position only (``bert-cls``).
-
-    A BERT classifier reads one position of the last layer (the pooler takes [CLS]), and every other position
-    contributes to it only through its keys and values, so the last layer's query, attention output and
-    feed-forward run for one token instead of all of them, and its keys and values are never formed (see
-    ``cls_layer``): nearly a sixth of MiniLM-L6's arithmetic is skipped, and the scores are the same up to float
-    rounding (checked against torch before use)."""
-    import torch
-
-    if graph == "full":
-
-        class RewardLogit(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
-
-            def forward(self, input_ids, attention_mask):
-                return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, label_index]
-
-        return RewardLogit().eval()
-
-    if graph != "bert-cls" or graph not in graphs_for(model):
-        raise OnnxUnavailable(f"no {graph} graph for {type(model).__name__}")
-
-    def feed_forward(block: Any, context: Any, residual: Any) -> Any:
-        """The rest of a BERT layer after attention: output projection, residual, norm, feed-forward, norm."""
-        x = block.attention.output.LayerNorm(block.attention.output.dense(context) + residual)
-        return block.output.LayerNorm(block.output.dense(block.intermediate(x)) + x)
-
-    class ClsOnlyLastLayer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = model.bert
-            self.classifier = model.classifier
-
-        @staticmethod
-        def layer(block: Any, hidden: Any, mask: Any, batch: Any) -> Any:
-            """One BERT layer over 2-D ``hidden`` (sequences x positions, width): each linear layer is then one
-            matrix product with its bias added in it."""
-            attention = block.attention.self
-            width = hidden.shape[-1]
-            heads, size = attention.num_attention_heads, attention.attention_head_size
-
-            def split(x: Any) -> Any:
-                return x.view(batch, -1, heads, size).transpose(1, 2)
-
-            q, k, v = split(attention.query(hidden)), split(attention.key(hidden)), split(attention.value(hidden))
-            weights = (q @ k.transpose(-1, -2) * size**-0.5 + mask).softmax(-1)
-            return feed_forward(block, (weights @ v).transpose(1, 2).reshape(-1, width), hidden)
-
-        @staticmethod
-        def cls_layer(block: Any, hidden: Any, mask: Any, batch: Any) -> Any:
-            """The last layer at the [CLS] position only, without forming its keys and values: a key enters only
-            as q . (W_k h + b_k) = (W_k^T q) . h + q . b_k, whose last term is the same at every position and
-            cancels in the softmax; a value only as sum a (W_v h + b_v) = W_v (sum a h) + b_v, the weights summing
-            to 1. So the [CLS] query goes through the key weights and the weighted hidden states through the value
-            weights, per head: two products of one row instead of two of every position."""
-            attention = block.attention.self
-            width = hidden.shape[-1]
-            heads, size = attention.num_attention_heads, attention.attention_head_size
-            states = hidden.view(batch, -1, width)
-            cls = states[:, 0]
-            query = attention.query(cls).view(batch, heads, 1, size)
-            key_query = query @ attention.key.weight.view(heads, size, width)  # (batch, heads, 1, width)
-            weights = (key_query @ states.transpose(1, 2)[:, None] * size**-0.5 + mask).softmax(-1)
-            mixed = weights @ states[:, None]  # (batch, heads, 1, width): the weighted hidden states
-            value_weight = attention.value.weight.view(heads, size, width).transpose(-1, -2)
-            context = (mixed @ value_weight).reshape(batch, width) + attention.value.bias
-            return feed_forward(block, context, cls)
-
-        def forward(self, input_ids, attention_mask):
-            batch = input_ids.shape[0]
-            hidden = self.bert.embeddings(input_ids=input_ids)
-            width = hidden.shape[-1]
-            mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-            hidden = hidden.reshape(-1, width)
-            *inner, last = self.bert.encoder.layer
-            for block in inner:
-                hidden = self.layer(block, hidden, mask, batch)
-            cls = self.cls_layer(last, hidden, mask, batch)
-            pooler = self.bert.pooler
-            return self.classifier(pooler.activation(pooler.dense(cls)))[:, label_index]
-
-    return ClsOnlyLastLayer().eval()
-
-
 def export(checkpoint: Any, path: Path, graph: str = "full") -> Path:
     """Export ``checkpoint.model`` as ``graph`` (input_ids, attention_mask -> the reward logit) with dynamic batch
     and length."""
     import torch
 
-    wrapper = reward_graph(checkpoint.model, checkpoint.label_index, graph)
+    wrapper = graphs.build(checkpoint.model, checkpoint.label_index, graph)
     ids = checkpoint.formatter.encode({"text": CHECK_TEXTS[1]}).input_ids
     from training.checkpoint import pad_right
 
@@ -217,6 +135,7 @@ class OnnxForward:
         self.pad_token_id = pad_token_id
         self.threads = threads
         self.padded = padded
+        self.skipped: dict[str, str] = {}  # the faster graphs not used, and why (set by load)
 
     @property
     def pads_batches(self) -> bool:
@@ -264,35 +183,29 @@ def unavailable_reason(model: Any) -> str | None:
     return None
 
 
-def graphs_for(model: Any) -> list[str]:
-    """The graphs to try for ``model``, fastest first: ``bert-cls`` for a BERT classifier (an encoder with absolute
-    positions), then ``full``."""
-    config = model.config
-    bert = (
-        type(model).__name__ == "BertForSequenceClassification"
-        and not getattr(config, "is_decoder", False)
-        and getattr(config, "position_embedding_type", "absolute") == "absolute"
-    )
-    return ["bert-cls", "full"] if bert else ["full"]
-
-
 def load(checkpoint: Any, version: str, threads: int, *, padded: bool = False) -> OnnxForward:
     """The checked ONNX Runtime forward for ``checkpoint``, exporting it first if no cached graph exists.
 
-    The graphs of :func:`graphs_for` are tried in turn; one that cannot be exported or whose scores differ from
-    torch's is logged and the next is tried. Raises :class:`OnnxUnavailable` when none can be had (no onnxruntime,
-    export failed, scores differ)."""
+    The graphs of :func:`service.graphs.graphs_for` are tried in turn; one that cannot be exported or whose scores
+    differ from torch's is logged and the next is tried; the forward's ``skipped`` says why each was passed over.
+    Raises :class:`OnnxUnavailable` when none can be had (no onnxruntime, export failed, scores differ)."""
     reason = unavailable_reason(checkpoint.model)  # before a costly export
     if reason is not None:
-        raise OnnxUnavailable(reason)
-    graphs = graphs_for(checkpoint.model)
-    for graph in graphs:
+        fast = graphs.fast_graph_for(checkpoint.model)
+        raise OnnxUnavailable(reason, {fast: reason} if fast else {})
+    names = graphs.graphs_for(checkpoint.model)
+    skipped: dict[str, str] = {}
+    for name in names:
         try:
-            return load_graph(checkpoint, version, threads, graph, padded=padded)
+            runner = load_graph(checkpoint, version, threads, name, padded=padded)
         except OnnxUnavailable as exc:
-            if graph == graphs[-1]:
-                raise
-            logger.warning("ONNX %s graph not used for %s, trying the next: %s", graph, checkpoint.name, exc)
+            skipped[name] = str(exc)
+            if name == names[-1]:
+                raise OnnxUnavailable(str(exc), skipped) from exc
+            logger.warning("ONNX %s graph not used for %s, trying the next: %s", name, checkpoint.name, exc)
+        else:
+            runner.skipped = skipped
+            return runner
     raise AssertionError("unreachable: graphs_for returns at least one graph")
 
 
@@ -307,6 +220,8 @@ def load_graph(checkpoint: Any, version: str, threads: int, graph: str, *, padde
             export(checkpoint, path, graph)
         except OnnxUnavailable:
             raise
+        except graphs.GraphMismatch as exc:
+            raise OnnxUnavailable(str(exc)) from exc
         except Exception as exc:
             raise OnnxUnavailable(f"export failed: {exc.__class__.__name__}: {exc}") from exc
         logger.info("exported %s to ONNX in %.1f s: %s", checkpoint.name, time.perf_counter() - started, path)
@@ -329,28 +244,3 @@ def load_graph(checkpoint: Any, version: str, threads: int, graph: str, *, padde
         "ONNX Runtime forward (%s graph) checked against torch (largest difference %.2g): %s", graph, worst, path
     )
     return runner
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``reward-export CHECKPOINT``: write the cached ONNX graph ahead of serving, and check it."""
-    parser = argparse.ArgumentParser(prog="reward-export", description=main.__doc__)
-    parser.add_argument("model", help="checkpoint folder (as for reward-serve --model)")
-    parser.add_argument("--reward-label", default=None, help="which logit is the reward, as for reward-serve")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from service.backend import CheckpointBackend
-
-    try:
-        backend = CheckpointBackend.load(args.model, reward_label=args.reward_label, device="cpu", backend="onnx")
-    except Exception as exc:
-        print(f"reward-export: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        return 1
-    if backend.info.extra.get("backend") != "onnx":
-        print(f"reward-export: not exported: {backend.info.extra.get('fallback')}", file=sys.stderr)
-        return 1
-    print(backend.info.extra["onnx_path"])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
