@@ -81,7 +81,7 @@ class Lifecycle:
         """Count a scoring request as accepted for its whole life; refuse it (503) unless ready."""
         with self._lock:
             if self._phase is not Phase.READY:
-                raise _unavailable(self._phase)
+                raise refusal(self._phase)
             self._accepted += 1
         try:
             yield
@@ -90,7 +90,8 @@ class Lifecycle:
                 self._accepted -= 1
 
 
-def _unavailable(phase: Phase) -> Unavailable:
+def refusal(phase: Phase) -> Unavailable:
+    """The 503 for a scoring request (or a question about the model) in ``phase``."""
     if phase is Phase.LOADING:
         return Unavailable("the model is still loading", retry_after_s=5)
     if phase is Phase.DRAINING:

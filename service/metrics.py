@@ -61,6 +61,12 @@ class ServiceMetrics:
         self.inference_workers = Gauge(
             "reward_inference_workers", "inference worker threads, each running its own forward passes", registry=r
         )
+        self.fast_graph_missing = Gauge(
+            "reward_fast_graph_missing",
+            "1 when the model's architecture has a fast ONNX graph that it is not served with (slower scoring; "
+            "/info's batching.fast_graph_missing and the log say why)",
+            registry=r,
+        )
         self.ready = Gauge("reward_ready", "1 when the model is loaded and warmed up and not draining", registry=r)
         self.model = Info("reward_model", "the model being served", registry=r)
 

@@ -1,5 +1,5 @@
-"""What the routes share, on ``app.state.runtime``: settings, lifecycle, metrics, and (once loaded) the backend,
-batcher, scorer and the :class:`~service.scoring.ScoringService` that every protocol calls."""
+"""What the routes share, on ``app.state.runtime``: settings, lifecycle, metrics, and once loaded the
+:class:`~service.engine.Engine` and the :class:`~service.scoring.ScoringService` that every protocol calls."""
 
 from __future__ import annotations
 
@@ -7,63 +7,52 @@ import logging
 import threading
 import time
 
-from service.backend import CheckpointBackend, ModelInfo, ScoringBackend, ThreadPlan, plan_threads
-from service.batching import Batcher, BatchLimits
+from service.backend import ScoringBackend
+from service.engine import Engine, build_engine
 from service.errors import Unavailable
-from service.lifecycle import Lifecycle
+from service.lifecycle import Lifecycle, refusal
 from service.metrics import ServiceMetrics
-from service.scoring import Scorer, ScoringService
+from service.scoring import ScoringService
 from service.settings import ServeSettings
 
 logger = logging.getLogger("reward.service")
 
 
 class ServiceRuntime:
-    """What the routes share: settings, lifecycle, metrics, and (once loaded) the backend, batcher and scorer."""
+    """Settings, lifecycle and metrics from the start; the engine and the scoring service once loaded, published
+    together before the service turns ready and never changed afterwards."""
 
-    def __init__(self, settings: ServeSettings, backend: ScoringBackend | None):
+    def __init__(self, settings: ServeSettings, backend: ScoringBackend | None = None):
         self.settings = settings
         self.lifecycle = Lifecycle(settings.drain_timeout_s)
         self.metrics = ServiceMetrics()
-        self.backend = backend
-        self.batcher: Batcher | None = None
-        self.scorer: Scorer | None = None
-        self.scoring = ScoringService(self)
-        self.threads: ThreadPlan | None = None  # inference workers and their torch threads, once planned
+        self._backend = backend  # a ready-made backend (tests inject faults this way); else loaded from settings
+        self._engine: Engine | None = None
+        self._scoring: ScoringService | None = None
         self._loaded = threading.Event()
         self._loader: threading.Thread | None = None
         self.metrics.in_flight.set_function(lambda: self.lifecycle.accepted)
         self.metrics.ready.set_function(lambda: 1.0 if self.lifecycle.ready else 0.0)
         self.metrics.watch_queue(
-            lambda: self.batcher.queue_depth if self.batcher else 0,
-            lambda: self.batcher.queued_tokens if self.batcher else 0,
+            lambda: self._engine.batcher.queue_depth if self._engine else 0,
+            lambda: self._engine.batcher.queued_tokens if self._engine else 0,
         )
 
     @property
-    def limits(self) -> BatchLimits:
-        """The batcher's limits; the default token budget depends on the loaded model's device and dtype."""
-        s = self.settings
-        device, dtype = (self.backend.info.device, self.backend.info.dtype) if self.backend else (s.device, s.dtype)
-        return BatchLimits(
-            s.batch_tokens_for(device, dtype),
-            s.max_batch_size,
-            s.max_wait_ms / 1000.0,
-            s.max_queue_tokens,
-            s.batch_overhead_tokens,
-            s.batch_window_items if s.batch_window_items is not None else self._default_window(),
-        )
-
-    def _default_window(self) -> int:
-        """First come, first served when nothing is padded (a text's wait then depends only on its arrival);
-        grouping by length where batches are padded."""
-        pads = getattr(self.backend, "pads_batches", True)
-        return 0 if pads else 1
+    def engine(self) -> Engine:
+        """The loaded engine; before it is published, the refusal of the phase the service is in (503)."""
+        if self._engine is None:
+            raise self._not_loaded()
+        return self._engine
 
     @property
-    def info(self) -> ModelInfo:
-        if self.backend is None:
-            raise Unavailable("the model is still loading", retry_after_s=5)
-        return self.backend.info
+    def scoring(self) -> ScoringService:
+        if self._scoring is None:
+            raise self._not_loaded()
+        return self._scoring
+
+    def _not_loaded(self) -> Unavailable:
+        return refusal(self.lifecycle.phase)
 
     # -- startup and shutdown ------------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -78,34 +67,9 @@ class ServiceRuntime:
         s = self.settings
         try:
             started = time.perf_counter()
-            from training.checkpoint import resolve_device
-
-            self.threads = threads = plan_threads(resolve_device(s.device), s.inference_workers, s.torch_threads)
-            threads.apply()  # loading and warm-up run as each worker will
-            if self.backend is None:
-                logger.info("loading reward model from %s (dtype %s, device %s)", s.model, s.dtype, s.device)
-                self.backend = CheckpointBackend.load(
-                    s.model,
-                    dtype=s.dtype,
-                    device=s.device,
-                    reward_label=s.reward_label,
-                    max_length=s.max_length,
-                    truncation_side=s.truncation_side,
-                    backend=s.backend,
-                )
-            self.backend.warm_up()
-            info = self.backend.info
-            self.batcher = Batcher(
-                self.backend.forward,
-                self.limits,
-                observer=self.metrics,
-                workers=threads.workers,
-                on_worker_start=threads.apply,
-            ).start()
-            self.metrics.inference_workers.set(threads.workers)
-            self.scorer = Scorer(self.backend.formatter, self.batcher, request_timeout_s=s.request_timeout_s)
-            self.metrics.describe_model(model=info.name, version=info.version, dtype=info.dtype, device=info.device)
-            _log_loaded(info, self.limits, threads, s, time.perf_counter() - started)
+            engine = build_engine(s, self._backend, observer=self.metrics)
+            self._publish(engine)
+            _log_loaded(engine, s, time.perf_counter() - started)
             self.lifecycle.mark_ready()
         except Exception as exc:  # reported by /healthz, /readyz and the CLI's exit status
             logger.exception("failed to load the reward model from %s", s.model)
@@ -113,15 +77,25 @@ class ServiceRuntime:
         finally:
             self._loaded.set()
 
+    def _publish(self, engine: Engine) -> None:
+        info = engine.info
+        self.metrics.inference_workers.set(engine.threads.workers)
+        self.metrics.describe_model(model=info.name, version=info.version, dtype=info.dtype, device=info.device)
+        self.metrics.fast_graph_missing.set(1 if info.extra.get("fast_graph_missing") else 0)
+        self._scoring = ScoringService(engine, self.lifecycle, self.settings)
+        self._engine = engine
+
     def shut_down(self) -> None:
-        """Stop admitting, let the worker finish what is queued, end it."""
+        """Stop admitting, let the workers finish what is queued, end them."""
         self.lifecycle.begin_drain()
-        if self.batcher is not None and not self.batcher.stop(timeout=max(1.0, self.lifecycle.drain_time_left())):
+        engine = self._engine
+        if engine is not None and not engine.batcher.stop(timeout=max(1.0, self.lifecycle.drain_time_left())):
             logger.error("the inference worker did not finish within the drain timeout")
         logger.info("reward service stopped")
 
 
-def _log_loaded(info: ModelInfo, limits: BatchLimits, threads: ThreadPlan, s: ServeSettings, seconds: float) -> None:
+def _log_loaded(engine: Engine, s: ServeSettings, seconds: float) -> None:
+    info, limits, threads = engine.info, engine.limits, engine.threads
     recipe = info.formatting
     logger.info(
         "loaded reward model %r version %s from %s in %.1f s (%s) on device %s, dtype %s, backend %s; reward label %s",

@@ -1,58 +1,33 @@
-"""The scoring path shared by every protocol: admit, check limits, tokenize, queue, wait, split.
+"""The scoring path shared by every protocol: admit, check limits, split pairs, score, normalize.
 
 A protocol's route validates its body (its own schema), turns it into :class:`Item` s and hands them to the
-:class:`ScoringService`: admission (:meth:`Lifecycle.admit`) -> :func:`check_limits` -> :meth:`Scorer.score`:
-tokenize (a small request on the event loop, a larger one in a worker thread) -> :meth:`Batcher.submit` -> wait for
-the future (bounded by the request timeout, abandoned if the client goes away) -> scores in item order.
+:class:`ScoringService`: admission (:meth:`Lifecycle.admit`) -> :func:`check_limits` -> the engine's
+:meth:`~service.engine.Scorer.score`: tokenize (a small request on the event loop, a larger one in a worker thread)
+-> :meth:`Batcher.submit` -> wait for the future (bounded by the request timeout, abandoned if the client goes away)
+-> scores in item order.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
-from service.backend import ItemEncoder
-from service.batching import Batcher, BatcherClosed, ForwardFailed, QueueFull, RequestTooLarge
-from service.errors import ClientGone, InvalidInput, Overloaded, PayloadTooLarge, ScoringFailed, TimedOut, Unavailable
+from service.engine import Engine, Scored, WaitForDisconnect
+from service.errors import InvalidInput
+from service.lifecycle import Lifecycle
+from service.settings import ServeSettings
 from training.checkpoint import normalize
-from training.formatting import Encoded, FormattingError, pair_side
+from training.formatting import FormattingError, pair_side
 
 if TYPE_CHECKING:
     from starlette.requests import Request
 
     from service.backend import ModelInfo
-    from service.runtime import ServiceRuntime
-
-try:  # transformers renders chat templates with jinja2 (installed with torch)
-    from jinja2.exceptions import TemplateError
-except ImportError:  # pragma: no cover - then no chat template can be rendered at all
-
-    class TemplateError(Exception):  # type: ignore[no-redef]
-        pass
-
-
-WaitForDisconnect = Callable[[], Awaitable[None]]
-
-# Requests with at most this many characters of text are tokenized on the event loop: for a short text the hop to a
-# worker thread and back costs more than tokenizing, and a third runnable thread preempts the inference workers
-# more often (docs/benchmarks.md). Longer requests go to a thread, so they never stall the loop.
-INLINE_TOKENIZE_CHARS = 4096
-
 
 Loc = Sequence[str | int]
-
-
-@dataclass(frozen=True)
-class Scored:
-    scores: list[float]
-    truncated: list[bool]
-    tokens: list[int]  # each item's token count once formatted (and truncated)
 
 
 @dataclass(frozen=True)
@@ -124,97 +99,6 @@ def texts_of(source: Any, loc: Loc) -> Iterator[tuple[list[str | int], str]]:
             yield from texts_of(value, [*loc, index])
 
 
-def _characters_within(items: Sequence[Mapping[str, Any]], limit: int) -> bool:
-    """Whether the items' text fields (``text``, ``prompt``, ``response``, message contents) hold ≤ ``limit`` chars."""
-    total = 0
-    for item in items:
-        for value in item.values():
-            if isinstance(value, str):
-                total += len(value)
-            elif isinstance(value, list):
-                total += sum(len(m.get("content") or "") for m in value if isinstance(m, Mapping))
-            if total > limit:
-                return False
-    return True
-
-
-class Scorer:
-    def __init__(
-        self,
-        encoder: ItemEncoder,
-        batcher: Batcher,
-        *,
-        request_timeout_s: float,
-        inline_chars: int = INLINE_TOKENIZE_CHARS,
-    ):
-        self.encoder = encoder
-        self.batcher = batcher
-        self.request_timeout_s = request_timeout_s
-        self.inline_chars = inline_chars
-
-    async def score(
-        self,
-        items: Sequence[Mapping[str, Any]],
-        *,
-        locs: Sequence[Sequence[str | int]],
-        started: float | None = None,
-        wait_for_disconnect: WaitForDisconnect | None = None,
-    ) -> Scored:
-        """Scores for ``items`` in order. ``locs[i]`` names item i in error messages (``["body", "items", 3]``)."""
-        deadline = (started if started is not None else time.monotonic()) + self.request_timeout_s
-        if _characters_within(items, self.inline_chars):
-            encoded = self._encode(items, locs)
-        else:
-            encoded = await anyio.to_thread.run_sync(self._encode, items, locs)
-        try:
-            future = self.batcher.submit([e.input_ids for e in encoded])
-        except QueueFull as exc:
-            raise Overloaded(str(exc), exc.retry_after_s) from exc
-        except RequestTooLarge as exc:
-            raise PayloadTooLarge(str(exc)) from exc
-        except BatcherClosed as exc:
-            raise Unavailable(str(exc)) from exc
-        scores = await self._wait(future, deadline, wait_for_disconnect)
-        return Scored(scores, [e.truncated for e in encoded], [len(e.input_ids) for e in encoded])
-
-    def _encode(self, items: Sequence[Mapping[str, Any]], locs: Sequence[Sequence[str | int]]) -> list[Encoded]:
-        out = []
-        for item, loc in zip(items, locs, strict=True):
-            try:
-                encoded = self.encoder.encode(item)
-            except FormattingError as exc:
-                raise InvalidInput(list(loc), str(exc)) from exc
-            except TemplateError as exc:  # e.g. raise_exception('roles must alternate') in the model's template
-                raise InvalidInput(list(loc), f"the model's chat template refused these messages: {exc}") from exc
-            if not encoded.input_ids:  # e.g. a template that renders nothing for these roles: nothing to score
-                raise InvalidInput(list(loc), "the item has no tokens once formatted for this model; nothing to score")
-            out.append(encoded)
-        return out
-
-    async def _wait(
-        self, future: asyncio.Future, deadline: float, wait_for_disconnect: WaitForDisconnect | None
-    ) -> list[float]:
-        watcher = asyncio.ensure_future(wait_for_disconnect()) if wait_for_disconnect is not None else None
-        try:
-            waiting = {future} | ({watcher} if watcher is not None else set())
-            done, _ = await asyncio.wait(
-                waiting, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
-            )
-            if future in done:
-                try:
-                    return future.result()
-                except ForwardFailed as exc:
-                    raise ScoringFailed(str(exc)) from exc
-            if watcher is not None and watcher in done:
-                raise ClientGone("the client disconnected before its scores were ready")
-            raise TimedOut(f"not scored within the request timeout of {self.request_timeout_s:g} s")
-        finally:
-            if not future.done():
-                future.cancel()  # its items still waiting in the queue are dropped, not computed
-            if watcher is not None and not watcher.done():
-                watcher.cancel()
-
-
 class ScoringService:
     """What every protocol's route calls: everything between a validated body and the numbers it answers with.
 
@@ -223,12 +107,14 @@ class ScoringService:
     away, so that a protocol is only its schema and the translation to and from :class:`Item` s.
     """
 
-    def __init__(self, runtime: ServiceRuntime):
-        self.runtime = runtime
+    def __init__(self, engine: Engine, lifecycle: Lifecycle, settings: ServeSettings):
+        self.engine = engine
+        self.lifecycle = lifecycle
+        self.settings = settings
 
     @property
     def model(self) -> ModelInfo:
-        return self.runtime.info
+        return self.engine.info
 
     async def score(
         self, request: Request, items: Sequence[Item], *, field: str, normalize_scores: bool = False
@@ -239,8 +125,7 @@ class ScoringService:
         send a replica an empty share).
         """
         started = time.monotonic()
-        runtime = self.runtime
-        with runtime.lifecycle.admit():
+        with self.lifecycle.admit():
             self._check(field, len(items), items)
             if normalize_scores and not self.model.normalization:
                 raise InvalidInput(["body", "normalize"], "this model has no normalization statistics in its manifest")
@@ -255,7 +140,7 @@ class ScoringService:
     async def compare(self, request: Request, pairs: Sequence[Item], *, field: str = "pairs") -> Comparison:
         """r(chosen) and r(rejected) for each preference row (``payload``: ``prompt``?, ``chosen``, ``rejected``)."""
         started = time.monotonic()
-        with self.runtime.lifecycle.admit():
+        with self.lifecycle.admit():
             self._check(field, len(pairs), pairs)
             payloads, locs = [], []
             for pair in pairs:
@@ -268,17 +153,16 @@ class ScoringService:
             return Comparison(scored.scores[0::2], scored.scores[1::2])
 
     def _check(self, field: str, count: int, items: Sequence[Item]) -> None:
-        s = self.runtime.settings
+        s = self.settings
         texts = (pair for item in items for pair in texts_of(item.source, item.loc))
         check_limits(field, count, texts, max_items=s.max_items_per_request, max_chars=s.max_text_chars)
 
     async def _score(
         self, request: Request, payloads: Sequence[Mapping[str, Any]], locs: Sequence[Loc], started: float
     ) -> Scored:
-        scorer = self.runtime.scorer
-        if scorer is None:  # admitted means ready, and ready means loaded; kept for type checkers
-            raise Unavailable("the model is still loading", retry_after_s=5)
-        return await scorer.score(payloads, locs=locs, started=started, wait_for_disconnect=_disconnect_of(request))
+        return await self.engine.scorer.score(
+            payloads, locs=locs, started=started, wait_for_disconnect=_disconnect_of(request)
+        )
 
 
 def _disconnect_of(request: Request) -> WaitForDisconnect:

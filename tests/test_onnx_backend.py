@@ -186,9 +186,9 @@ def test_unpadded_backend_serves_first_come_first_served(backend, window, expect
     path = _copy(tiny_bert_dir, tmp_path)
     settings = make_settings(path, backend=backend, batch_window_items=window)
     with app_client(settings) as client:
-        runtime = client.app.state.runtime
-        assert runtime.backend.pads_batches is (backend == "torch")
-        assert runtime.limits.window_items == expected_window
+        engine = client.app.state.runtime.engine
+        assert engine.backend.pads_batches is (backend == "torch")
+        assert engine.limits.window_items == expected_window
         items = [{"text": t} for t in TEXTS]
         scores = client.post("/score", json={"items": items}).json()["scores"]
     reference = CheckpointBackend.load(path, backend="torch")
@@ -219,3 +219,32 @@ def test_reward_export_writes_the_graph_the_service_then_loads(tiny_bert_dir, tm
         backend = CheckpointBackend.load(path, backend="onnx")
     assert backend.info.extra["onnx_path"] == str(exported)
     assert not any("exported" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("renamed", [False, True], ids=["as-is", "internal-renamed"])
+def test_the_tiny_bert_is_served_with_its_fast_graph_or_says_so(renamed, tiny_bert_dir, tmp_path, monkeypatch, caplog):
+    """By default a BERT classifier on a CPU is served with the [CLS]-only graph. When it cannot be (here: an
+    internal the graph is written against is missing, as after a transformers rename), the log warns and /info and
+    the ``reward_fast_graph_missing`` metric say so, naming the internal."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from service_fixtures import app_client, make_settings
+
+    from service.graphs import bert
+
+    if renamed:
+        monkeypatch.setattr(bert, "LAYER_INTERNALS", (*bert.LAYER_INTERNALS, "attention.self.renamed"))
+    path = _copy(tiny_bert_dir, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="reward.backend"), app_client(make_settings(path)) as client:
+        batching = client.get("/info").json()["batching"]
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    (missing,) = families["reward_fast_graph_missing"].samples
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if not renamed:
+        assert (batching["forward"], batching["graph"], batching["fast_graph_missing"]) == ("onnx", "bert-cls", None)
+        assert missing.value == 0 and not warnings
+    else:
+        assert (batching["forward"], batching["graph"]) == ("onnx", "full")
+        assert batching["fast_graph_missing"].startswith("bert-cls: ")
+        assert "attention.self.renamed" in batching["fast_graph_missing"]
+        assert missing.value == 1
+        assert len(warnings) == 1 and "bert-cls" in warnings[0] and "attention.self.renamed" in warnings[0]

@@ -375,12 +375,12 @@ def test_the_thread_plan_reads_torch_before_any_worker_changed_it():
 
 
 def test_batch_settings_reach_the_batcher_limits():
-    from service.app import ServiceRuntime
+    from service.engine import batch_limits
 
     settings = make_settings(
         "ckpt", max_batch_tokens=1024, max_batch_size=7, max_wait_ms=2.5, batch_overhead_tokens=128
     )
-    limits = ServiceRuntime(settings, None).limits
+    limits = batch_limits(settings)
     assert (limits.max_batch_tokens, limits.max_batch_size, limits.overhead_tokens) == (1024, 7, 128)
     assert limits.max_wait_s == pytest.approx(0.0025)
 
@@ -391,7 +391,7 @@ def test_short_requests_are_tokenized_on_the_event_loop_and_long_ones_in_a_threa
     import threading
 
     from service.batching import Batcher, BatchLimits
-    from service.scoring import Scorer
+    from service.engine import Scorer
     from training.formatting import Encoded
 
     tokenized_on: list[threading.Thread] = []

@@ -58,7 +58,7 @@ def test_the_client_waits_as_retry_after_says_and_nothing_is_lost(controlled, ti
         tiny_reward_checkpoint, inference_workers=1, max_batch_tokens=64, max_queue_tokens=64, max_wait_ms=0
     )
     with ThreadedServer(settings, controlled) as server:
-        batcher = server.runtime.batcher
+        batcher = server.runtime.engine.batcher
         controlled.gate.clear()
         slept: list[float] = []
         real_sleep = time.sleep  # client_module.time is the time module: the patch below is global

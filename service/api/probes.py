@@ -40,9 +40,8 @@ async def info(request: Request) -> InfoResponse:
     """Model, version, dtype, device, formatting recipe, normalization, batching limits."""
     runtime = runtime_of(request)
     s = runtime.settings
-    model = runtime.info
-    limits = runtime.limits
-    threads = runtime.threads
+    engine = runtime.engine
+    model, limits, threads = engine.info, engine.limits, engine.threads
     return InfoResponse(
         model=model.name,
         model_version=model.version,
@@ -61,8 +60,10 @@ async def info(request: Request) -> InfoResponse:
             "max_queue_tokens": limits.max_queue_tokens,
             "window_items": limits.window_items,
             "forward": model.extra.get("backend"),
-            "inference_workers": threads.workers if threads else None,
-            "torch_threads_per_worker": threads.threads_per_worker if threads else None,
+            "graph": model.extra.get("onnx_graph"),
+            "fast_graph_missing": model.extra.get("fast_graph_missing"),
+            "inference_workers": threads.workers,
+            "torch_threads_per_worker": threads.threads_per_worker,
         },
         limits={
             "max_items_per_request": s.max_items_per_request,
