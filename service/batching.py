@@ -117,6 +117,8 @@ class _Job:
 
     __slots__ = ("future", "loop", "scores", "remaining", "closed", "queued_tokens", "queued_items")
 
+    # Every field but ``future`` and ``loop`` is read and written under the batcher's lock.
+
     def __init__(self, future: asyncio.Future, loop: asyncio.AbstractEventLoop, count: int, tokens: int):
         self.future = future
         self.loop = loop
@@ -372,6 +374,11 @@ class Batcher:
 
     def _abandon(self, job: _Job) -> None:
         """The request's future is done (answered, failed, timed out or cancelled): forget its waiting items."""
+        self._close(job)
+
+    def _close(self, job: _Job, result: list[float] | None = None, error: BaseException | None = None) -> None:
+        """The one path that closes a request (answered, failed or abandoned): its waiting items leave the queue's
+        counts, and its future gets ``result`` or ``error``, once, whichever worker or callback comes first."""
         with self._cond:
             if job.closed:
                 return
@@ -379,41 +386,43 @@ class Batcher:
             self._queued_tokens -= job.queued_tokens
             self._queued_items -= job.queued_items
             job.queued_tokens = job.queued_items = 0
+        if result is not None or error is not None:
+            self._post(job, result, error)
 
     def _execute(self, batch: list[_Entry]) -> None:
         live = [e for e in batch if not e.job.closed]  # a request may have gone while the batch formed
         if not live:
-            self._forward_ended()
+            self._forward_ended(0.0)
             return
         started = self._clock()
         waits = [started - e.enqueued_at for e in live]
         real = sum(e.length for e in live)
         padded = max(e.length for e in live) * len(live)
-        ok = True
+        ok = False
         try:
             scores = self._forward_in_halves([e.ids for e in live])
+            ok = True
         except Exception as exc:
-            ok = False
             logger.error("forward pass over %d items failed: %s: %s", len(live), exc.__class__.__name__, exc)
             self._fail([e.job for e in live], ForwardFailed(exc))
         else:
-            for entry, score in zip(live, scores, strict=True):  # _forward_in_halves checked the count
-                self._deliver(entry, score)
+            self._deliver(live, scores)
         finally:
-            self._forward_ended()
-        elapsed = self._clock() - started
-        if ok and elapsed > 0:
-            rate = real / elapsed
-            self._tokens_per_s = rate if self._tokens_per_s == 0 else 0.8 * self._tokens_per_s + 0.2 * rate
+            elapsed = self._clock() - started
+            self._forward_ended(real / elapsed if ok and elapsed > 0 else 0.0)
         if self._observer is not None:
             try:
                 self._observer.batch_done(BatchReport(len(live), padded, real, waits, elapsed, ok))
             except Exception:  # metrics must never break scoring
                 logger.exception("batch observer failed")
 
-    def _forward_ended(self) -> None:
+    def _forward_ended(self, tokens_per_s: float) -> None:
+        """A forward is over; ``tokens_per_s`` (0: not measured) feeds the rate that Retry-After is computed from."""
         with self._cond:
             self._running -= 1
+            if tokens_per_s > 0:
+                rate = self._tokens_per_s
+                self._tokens_per_s = tokens_per_s if rate == 0 else 0.8 * rate + 0.2 * tokens_per_s
 
     def _forward_in_halves(self, batch: list[list[int]]) -> list[float]:
         try:
@@ -428,22 +437,25 @@ class Batcher:
             raise RuntimeError(f"forward returned {len(scores)} scores for {len(batch)} items")
         return scores
 
-    def _deliver(self, entry: _Entry, score: float) -> None:
-        job = entry.job
-        job.scores[entry.index] = float(score)
-        job.remaining -= 1
-        if job.remaining == 0:
-            self._post(job, job.scores, None)
+    def _deliver(self, entries: list[_Entry], scores: list[float]) -> None:
+        """Record a batch's scores (``_forward_in_halves`` checked the count) under the lock: one request's items may
+        be in two workers' batches at once. A request whose last score this is is closed with its scores."""
+        finished = []
+        with self._cond:
+            for entry, score in zip(entries, scores, strict=True):
+                job = entry.job
+                if job.closed:  # failed in another worker's batch, or timed out: nobody wants the rest
+                    continue
+                job.scores[entry.index] = float(score)
+                job.remaining -= 1
+                if job.remaining == 0:
+                    finished.append(job)
+        for job in finished:
+            self._close(job, job.scores)
 
     def _fail(self, jobs: list[_Job], error: BaseException) -> None:
         for job in {id(j): j for j in jobs}.values():
-            with self._cond:
-                if not job.closed:
-                    job.closed = True
-                    self._queued_tokens -= job.queued_tokens
-                    self._queued_items -= job.queued_items
-                    job.queued_tokens = job.queued_items = 0
-            self._post(job, None, error)
+            self._close(job, error=error)
 
     @staticmethod
     def _post(job: _Job, result: list[float] | None, error: BaseException | None) -> None:

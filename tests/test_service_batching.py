@@ -289,6 +289,43 @@ def test_two_workers_compute_two_batches_at_once_and_answer_each_request():
     assert not batcher.busy
 
 
+def test_requests_split_across_two_workers_are_each_answered_once_with_all_their_scores(monkeypatch):
+    """Batches of two, requests of five items, two workers: a request's items sit in both workers' batches at once,
+    and what is left of it is counted by both. Every request gets all its scores, in order, and is answered once.
+    The thread switch interval is cut to its minimum so that the workers interleave as often as they can."""
+    import sys
+    from collections import Counter
+
+    answers: Counter[int] = Counter()
+    post = Batcher._post
+
+    def counted(job, result, error):
+        answers[id(job.future)] += 1
+        post(job, result, error)
+
+    monkeypatch.setattr(Batcher, "_post", staticmethod(counted))
+    batcher = Batcher(
+        lambda batch: [float(ids[0]) for ids in batch], BatchLimits(max_batch_size=2, max_wait_s=0.0), workers=2
+    )
+    requests = [[[r * 10 + i] for i in range(5)] for r in range(400)]
+
+    async def main():
+        futures = [batcher.submit(r) for r in requests]
+        return await asyncio.wait_for(asyncio.gather(*futures), 60)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        batcher.start()
+        results = run(main())
+    finally:
+        sys.setswitchinterval(interval)
+    assert results == [[float(ids[0]) for ids in r] for r in requests]  # exact: the fake forward's numbers
+    assert len(answers) == len(requests) and set(answers.values()) == {1}
+    assert batcher.stop(5) is True
+    assert (batcher.queue_depth, batcher.queued_tokens) == (0, 0)
+
+
 def test_a_batcher_needs_a_worker():
     with pytest.raises(ValueError, match="workers"):
         Batcher(RecordingForward(), workers=0)
