@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import itertools
 import os
 import random
 import threading
 import time
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -91,6 +92,12 @@ def as_item(item: Item) -> dict[str, Any]:
     if isinstance(item, str):
         return {"text": item}
     return dict(item)
+
+
+def chat_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as the service takes them: ``role`` and ``content`` only (a content may be a string or OpenAI-style
+    text parts); other keys a trainer keeps (``name``, tool calls, ...) are not sent."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -342,6 +349,45 @@ def _in_running_loop() -> bool:
     return True
 
 
+class PendingScores(Sequence[float]):
+    """The scores of a call made on a thread whose event loop is running: awaitable, and also a sequence.
+
+    Awaiting it scores on the awaiting loop (what TRL 1.16 does with an async reward function, alongside its other
+    async ones). Reading it as a sequence (iterating, ``len``, indexing) blocks until the scores are in, computed on
+    a background loop: what TRL 1.0-1.9 does when it calls the function synchronously, as in a notebook, whose thread
+    runs an event loop. Nothing is sent until it is awaited or read; the scores are kept once there.
+    """
+
+    def __init__(self, score: Callable[[], Coroutine[Any, Any, list[float]]]):
+        self._score = score
+        self._scores: list[float] | None = None
+
+    def __await__(self) -> Generator[Any, None, list[float]]:
+        return self._awaited().__await__()
+
+    async def _awaited(self) -> list[float]:
+        if self._scores is None:
+            self._scores = await self._score()
+        return self._scores
+
+    def _result(self) -> list[float]:
+        if self._scores is None:
+            self._scores = BackgroundLoop.shared().run(self._score())
+        return self._scores
+
+    def __len__(self) -> int:
+        return len(self._result())
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._result()[index]
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self._result())
+
+    def __repr__(self) -> str:
+        return f"PendingScores({self._scores!r})" if self._scores is not None else "PendingScores(<not yet scored>)"
+
+
 # -- TRL -------------------------------------------------------------------------------------------------------------
 class RewardFunction:
     """A TRL ``reward_funcs`` entry (GRPOTrainer, RLOOTrainer) that scores completions with the service.
@@ -352,16 +398,18 @@ class RewardFunction:
     messages) as ``{"messages": prompt + completion}``. Other keyword arguments (dataset columns, trainer state)
     are ignored, never sent.
 
-    It works with every TRL whose GRPOTrainer takes ``reward_funcs``, whichever way it tells async functions apart:
+    It works with every TRL whose GRPOTrainer takes ``reward_funcs``, whichever way it tells async functions apart,
+    in a script or in a notebook:
 
-    - TRL 1.x asks ``is_async_callable(f)``, which looks at ``f.__call__``: that attribute is :meth:`ascore`, a
-      coroutine function, so the call is awaited on TRL's event loop alongside its other async reward functions;
-    - older TRL asks ``inspect.iscoroutinefunction(f)`` (or asks nothing): False for an instance, so it calls
-      ``f(...)`` synchronously, and a call made outside a running event loop blocks and returns the list.
+    - TRL 1.16 asks ``is_async_callable(f)``, which looks at ``f.__call__``: that attribute is :meth:`ascore`, a
+      coroutine function, so TRL awaits the call on its event loop, alongside its other async reward functions;
+    - TRL 1.0-1.9 ask ``inspect.iscoroutinefunction(f)``, False for an instance, and earlier TRL (0.24) asks
+      nothing: they call ``f(...)`` synchronously and iterate the result.
 
-    In short, ``f(...)`` returns an awaitable when called from a coroutine, the scores otherwise. Where an old TRL
-    runs in a thread that has a running event loop (a notebook), pass ``blocking=True``: every call then blocks and
-    returns the scores, and TRL of any version sees a plain function.
+    So ``f(...)`` returns the list of scores when its thread has no running event loop, and a
+    :class:`PendingScores` when it has one (a coroutine on an event loop, or a notebook cell): awaiting it or
+    reading it both give the scores. ``blocking=True`` makes every call block and return the list, and
+    ``__call__`` a plain method, so that TRL of any version sees a plain function.
     """
 
     def __init__(
@@ -387,10 +435,9 @@ class RewardFunction:
             self.__call__ = self.ascore
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> Any:
-        coro = self.ascore(prompts, completions, **kwargs)
-        if not self.blocking and _in_running_loop():
-            return coro
-        return BackgroundLoop.shared().run(coro)
+        if self.blocking or not _in_running_loop():
+            return BackgroundLoop.shared().run(self.ascore(prompts, completions))
+        return PendingScores(functools.partial(self.ascore, prompts, completions))
 
     async def ascore(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         items = [_trl_item(p, c) for p, c in zip(prompts, completions, strict=True)]
@@ -425,7 +472,7 @@ def _trl_item(prompt: Any, completion: Any) -> dict[str, Any]:
     if isinstance(prompt, str) and isinstance(completion, str):
         return {"prompt": prompt, "response": completion}
     if isinstance(prompt, list) and isinstance(completion, list):
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in [*prompt, *completion]]}
+        return {"messages": chat_messages([*prompt, *completion])}
     raise TypeError(
         f"prompts and completions must both be strings or both be message lists, got "
         f"{type(prompt).__name__} and {type(completion).__name__}"

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictStr,
+    Tag,
+    model_validator,
+)
 
 
 def _unicode_text(value: str) -> str:
@@ -22,13 +35,55 @@ def _unicode_text(value: str) -> str:
 Text = Annotated[StrictStr, AfterValidator(_unicode_text)]
 
 
+class TextPart(BaseModel):
+    """One part of an OpenAI-style message content list (``{"type": "text", "text": ...}``). A reward model reads
+    text only, so other part types (``image_url``, ``input_audio``, ...) are refused by name."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: StrictStr
+    text: Text | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> TextPart:
+        if self.type != "text":
+            raise ValueError(f"content parts of type {self.type!r} are not supported: the reward model reads text only")
+        if self.text is None:
+            raise ValueError("a 'text' content part needs a 'text' field")
+        return self
+
+
+def _join_parts(parts: list[TextPart]) -> str:
+    """The parts' texts joined with newlines, as vLLM renders a content list for a text-only chat template."""
+    return "\n".join(part.text or "" for part in parts)
+
+
+def _content_kind(value: Any) -> str:
+    return "parts" if isinstance(value, list) else "string"
+
+
+# A message's content: a string, or OpenAI-style text parts, joined into one string at validation. The tags name
+# the form in a 422's loc (``content.parts.0``), and only the form given is reported.
+Content = Annotated[
+    Annotated[Text, Tag("string")]
+    | Annotated[list[TextPart], Field(min_length=1), AfterValidator(_join_parts), Tag("parts")],
+    Discriminator(_content_kind),
+]
+
+
 class Message(BaseModel):
-    """One chat message; other keys (``name``, ...) are accepted and ignored."""
+    """One chat message; other keys (``name``, ...) are accepted and ignored. ``content`` is a string or a list of
+    text parts (OpenAI's format), which validation joins into one string."""
 
     model_config = ConfigDict(extra="ignore")
 
     role: Text
-    content: Text
+    content: Content
+
+
+def plain_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """The plain ``{"role", "content"}`` dicts the formatting contract takes (other keys dropped)."""
+    return [{"role": m.role, "content": m.content} for m in messages]
 
 
 class ScoreItem(BaseModel):
@@ -57,7 +112,7 @@ class ScoreItem(BaseModel):
         if self.text is not None:
             return {"text": self.text}
         if self.messages is not None:
-            return {"messages": [{"role": m.role, "content": m.content} for m in self.messages]}
+            return {"messages": plain_messages(self.messages)}
         return {"prompt": self.prompt, "response": self.response}
 
     def texts(self) -> list[tuple[str, str]]:
@@ -96,9 +151,7 @@ class PreferencePair(BaseModel):
 
     def as_row(self) -> dict[str, Any]:
         def plain(value: Any) -> Any:
-            if isinstance(value, list):
-                return [{"role": m.role, "content": m.content} for m in value]
-            return value
+            return plain_messages(value) if isinstance(value, list) else value
 
         return {"prompt": plain(self.prompt), "chosen": plain(self.chosen), "rejected": plain(self.rejected)}
 
@@ -212,12 +265,17 @@ class ClassifyRequest(BaseModel):
         None, description="one text or a list of texts, each scored as a whole ({'text'})"
     )
     messages: Annotated[list[Message], Field(min_length=1)] | None = Field(
-        None, description="one conversation, rendered with the model's chat template"
+        None,
+        description="one conversation, rendered with the model's chat template; a content may be a string or "
+        "OpenAI-style text parts",
     )
     use_activation: StrictBool | None = Field(
-        None, description="true: sigmoid of the score (a probability); false or omitted: the raw score"
+        None,
+        description="true or omitted: the sigmoid of the score (vLLM's classify activation for a one-logit model, "
+        "and its default); false: the raw score",
     )
-    activation: StrictBool | None = Field(None, description="older vLLM spelling of use_activation")
+    activation: StrictBool | None = Field(None, description="deprecated vLLM spelling of use_activation")
+    softmax: StrictBool | None = Field(None, description="deprecated vLLM spelling of use_activation")
     truncate_prompt_tokens: Any = Field(None, description="not supported: must be omitted or null")
 
     @model_validator(mode="after")
@@ -233,15 +291,20 @@ class ClassifyRequest(BaseModel):
 
     @property
     def activated(self) -> bool:
-        if self.use_activation is not None:
-            return self.use_activation
-        return bool(self.activation)
+        """Whether to answer the sigmoid of the score: the first of ``softmax``, ``activation``, ``use_activation``
+        that is set (vLLM reads its deprecated spellings first), else vLLM's default, the activation."""
+        for flag in (self.softmax, self.activation, self.use_activation):
+            if flag is not None:
+                return flag
+        return True
 
 
 class ClassificationData(BaseModel):
     index: int
     label: str | None = Field(description="the name of the served logit (the model's reward label)")
-    probs: list[float] = Field(description="one value: the raw score, or its sigmoid with use_activation")
+    probs: list[float] = Field(
+        description="one value: the sigmoid of the score, or the raw score with use_activation false"
+    )
     num_classes: int = Field(description="always 1: the service serves one logit")
 
 
@@ -259,3 +322,38 @@ class ClassificationResponse(BaseModel):
     model: str
     data: list[ClassificationData]
     usage: ClassifyUsage
+
+
+class ModelPermission(BaseModel):
+    """vLLM's (and OpenAI's former) model permission object, as vLLM lists it."""
+
+    id: str = Field(default_factory=lambda: f"modelperm-{uuid.uuid4().hex}")
+    object: str = "model_permission"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
+class ModelCard(BaseModel):
+    """One served model in ``GET /v1/models``, in vLLM's shape (OpenAI's model object plus vLLM's fields)."""
+
+    id: str = Field(description="the served model's name: what a request's 'model' field names")
+    object: str = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "reward-service"
+    root: str | None = Field(None, description="the checkpoint folder it was loaded from")
+    parent: str | None = None
+    max_model_len: int | None = Field(None, description="the model's max_length: longer texts are truncated")
+    permission: list[ModelPermission] = Field(default_factory=lambda: [ModelPermission()])
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]

@@ -123,14 +123,30 @@ class ServeSettings(BaseSettings):
     )
 
     # -- limits ---------------------------------------------------------------------------------------------
+    # Sized for a whole rollout step of an RL trainer (docs/frameworks.md, "Sizes and refusals"): a trainer has one
+    # step in flight at a time and retries every refusal a few times before it gives up, so a queue or a request
+    # that cannot hold one step stalls or fails training, while one that holds it only refuses a runaway client.
     max_queue_tokens: int = Field(
-        262_144, ge=1, description="tokens allowed to wait; a request that would exceed it gets 429 + Retry-After"
+        4_194_304,
+        ge=1,
+        description="tokens allowed to wait (a rollout step: 8192 texts of 512 tokens); a request that would exceed "
+        "it gets 429 + Retry-After, one that alone exceeds it 413",
     )
-    max_items_per_request: int = Field(1024, ge=1, description="items (or pairs, or queries) per request; 422 beyond")
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body size; 413 beyond")
+    max_items_per_request: int = Field(
+        16_384,
+        ge=1,
+        description="items (or pairs, or queries) per request; 422 beyond (OpenRLHF up to 0.9.0 posts a whole "
+        "rollout step, rollout batch x samples per prompt, in one request)",
+    )
+    max_body_bytes: int = Field(
+        128 * 1024 * 1024, ge=1, description="request body size (a rollout step of 8192 long samples); 413 beyond"
+    )
     max_text_chars: int = Field(200_000, ge=1, description="characters per text field; 422 beyond")
     request_timeout_s: float = Field(
-        60.0, gt=0, description="a request not answered in time gets 504 and its queued items are dropped"
+        180.0,
+        gt=0,
+        description="a request not answered in time gets 504 and its queued items are dropped (the RL trainers' own "
+        "clients wait 120-180 s)",
     )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long accepted requests may take to finish before the process exits"

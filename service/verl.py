@@ -32,7 +32,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from service.client import AsyncRewardClient, BackgroundLoop
+from service.client import AsyncRewardClient, BackgroundLoop, chat_messages
 
 logger = logging.getLogger("reward.verl")
 
@@ -84,8 +84,7 @@ def make_item(solution_str: str, extra_info: Any, prompt_key: str) -> dict[str, 
     if isinstance(prompt, str):
         return {"prompt": prompt, "response": solution_str}
     # A chat prompt (verl keeps it as a list, or a numpy array once it went through parquet).
-    messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
-    return {"messages": [*messages, {"role": "assistant", "content": solution_str}]}
+    return {"messages": [*chat_messages(prompt), {"role": "assistant", "content": solution_str}]}
 
 
 class Coalescer:

@@ -1,12 +1,12 @@
-"""The RL-framework adapters of the client package against a real server: TRL's reward function (both ways TRL
-tells async functions apart) and verl's custom reward functions (per sample, async, batch), with coalescing."""
+"""The RL-framework adapters of the client package against a real server: TRL's reward function (under each TRL's
+way of telling async functions apart, in a script and in a notebook) and verl's custom reward functions (per
+sample, async, batch), with coalescing."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
 import inspect
-import math
 import threading
 import types
 from pathlib import Path
@@ -46,51 +46,107 @@ def expected(live_server: ServerProcess) -> list[float]:
 
 
 # -- TRL --------------------------------------------------------------------------------------------------------------
-def test_trl_1x_awaits_it_on_its_daemon_loop(live_server: ServerProcess, expected: list[float]):
-    """TRL 1.x (installed): ``is_async_callable(f)`` checks ``inspect.iscoroutinefunction(f.__call__)``
-    (trl/trainer/utils.py); ``GRPOTrainer._calculate_rewards`` then runs ``await func(prompts=..., completions=...,
-    completion_ids=..., **reward_kwargs)`` in a coroutine on a daemon event loop (``start_event_loop_in_daemon``,
-    ``asyncio.run_coroutine_threadsafe(...).result()``), alongside the other async reward functions."""
-    from trl.trainer.utils import is_async_callable, start_event_loop_in_daemon
+def trl_1_16_is_async(func) -> bool:
+    from trl.trainer.utils import is_async_callable  # the installed TRL: it also looks at func.__call__
 
-    reward = RewardFunction(live_server.url)
-    assert is_async_callable(reward)
+    return is_async_callable(func)
+
+
+# How each TRL the docs name tells an async reward function apart (GRPOTrainer and RLOOTrainer alike):
+TRL_ASYNC_CHECKS = {
+    "trl-0.24": lambda func: False,  # no async support: every reward function is called synchronously
+    "trl-1.0-1.9": inspect.iscoroutinefunction,  # False for an instance, whatever its __call__
+    "trl-1.16": trl_1_16_is_async,
+}
+
+
+@pytest.fixture(scope="module")
+def trl_async_loop():
+    """TRL's daemon event loop for async reward functions (``start_event_loop_in_daemon``, TRL 1.0 on)."""
+    from trl.trainer.utils import start_event_loop_in_daemon
+
     thread, loop, ready = start_event_loop_in_daemon(name="trl-async-rewards")
     ready.wait()
-
-    async def invoke():
-        return await reward(prompts=PROMPTS, completions=COMPLETIONS, completion_ids=[[1]] * 3, trainer_state=None)
-
-    try:
-        scores = asyncio.run_coroutine_threadsafe(invoke(), loop).result(timeout=60)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-    assert scores == pytest.approx(expected, abs=BATCH_NEIGHBOURS)
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
 
 
-def test_trl_0x_calls_it_synchronously_and_gets_the_list(live_server: ServerProcess, expected: list[float]):
-    """TRL 0.2x ``GRPOTrainer._calculate_rewards`` (trl/trainer/grpo_trainer.py) separates async reward functions
-    with ``inspect.iscoroutinefunction(reward_func)`` (``asyncio.iscoroutinefunction`` in some releases), which is
-    False for an instance, and calls the others as ``reward_func(prompts=..., completions=..., completion_ids=...,
-    **reward_kwargs)`` on the training thread, then iterates the result (``[r if r is not None else nan for r in
-    output]``). TRL before async support (0.14 on) makes the same plain call. An async ``__call__`` handed it a
-    coroutine: "'coroutine' object is not iterable"."""
+def trl_calculate_rewards(is_async, reward_func, async_loop) -> list[float]:
+    """One custom reward function through ``GRPOTrainer._calculate_rewards`` as TRL 1.0-1.16 write it
+    (trl/trainer/grpo_trainer.py; TRL 0.24 is the synchronous branch alone): an async function is awaited in a
+    coroutine on TRL's daemon loop, ``asyncio.run_coroutine_threadsafe(...).result()``; any other is called on the
+    training thread and its output iterated (``[r if r is not None else torch.nan for r in output]``) into a
+    tensor."""
+    import torch
+
+    reward_kwargs = {"ground_truth": ["4", "hi", "4"], "trainer_state": None}
+    if is_async(reward_func):
+
+        async def invoke():
+            output = await reward_func(
+                prompts=PROMPTS, completions=COMPLETIONS, completion_ids=[[1]] * 3, **reward_kwargs
+            )
+            return [r if r is not None else torch.nan for r in output]
+
+        output = asyncio.run_coroutine_threadsafe(invoke(), async_loop).result(timeout=60)
+    else:
+        output = reward_func(prompts=PROMPTS, completions=COMPLETIONS, completion_ids=[[1]] * 3, **reward_kwargs)
+        output = [reward if reward is not None else torch.nan for reward in output]
+    return torch.tensor(output, dtype=torch.float32).tolist()
+
+
+@pytest.mark.parametrize("where", ["script", "notebook"])
+@pytest.mark.parametrize("trl", sorted(TRL_ASYNC_CHECKS))
+def test_every_trl_gets_the_scores_in_a_script_and_in_a_notebook(
+    live_server: ServerProcess, expected: list[float], trl_async_loop, trl: str, where: str
+):
+    """The same ``RewardFunction`` (no options) under each TRL's convention, called from a plain thread (a script)
+    and from a thread whose event loop is running (a notebook cell). TRL 1.0-1.9 in a notebook is the case that
+    failed with "'coroutine' object is not iterable" unless ``blocking=True`` was passed."""
+    is_async = TRL_ASYNC_CHECKS[trl]
     reward = RewardFunction(live_server.url)
-    assert not inspect.iscoroutinefunction(reward) and not asyncio.iscoroutinefunction(reward)
-    output = reward(prompts=PROMPTS, completions=COMPLETIONS, completion_ids=[[1]] * 3, trainer_state=None)
-    scores = [r if r is not None else math.nan for r in output]
+    assert is_async(reward) == (trl == "trl-1.16")
+
+    def training_step() -> list[float]:
+        return trl_calculate_rewards(is_async, reward, trl_async_loop)
+
+    if where == "script":
+        scores = training_step()
+    else:
+
+        async def notebook_cell() -> list[float]:
+            return training_step()  # the cell's code is synchronous; its thread runs the notebook's event loop
+
+        scores = asyncio.run(notebook_cell())
     assert scores == pytest.approx(expected, abs=BATCH_NEIGHBOURS)
-    # again, from another thread (TRL's experimental async GRPO runs sync reward functions via asyncio.to_thread)
-    scores = asyncio.run(asyncio.to_thread(reward, prompts=PROMPTS, completions=COMPLETIONS))
-    assert scores == pytest.approx(expected, abs=BATCH_NEIGHBOURS)
+
+
+def test_a_call_from_a_coroutine_can_be_awaited_or_read(live_server: ServerProcess, expected: list[float]):
+    """Outside TRL: from a coroutine, ``reward(...)`` is awaitable (scored on the caller's loop, as TRL 1.16 awaits
+    it) and also readable as a list (scored on a background loop); a plain call returns the list; sync calls from
+    other threads work too (TRL's experimental async GRPO runs sync reward functions via ``asyncio.to_thread``)."""
+    reward = RewardFunction(live_server.url)
+    assert reward(prompts=PROMPTS, completions=COMPLETIONS) == pytest.approx(expected, abs=BATCH_NEIGHBOURS)
+
+    async def from_a_coroutine():
+        awaited = await reward(prompts=PROMPTS, completions=COMPLETIONS)
+        gathered = await asyncio.gather(
+            reward(prompts=PROMPTS, completions=COMPLETIONS), reward.ascore(PROMPTS, COMPLETIONS)
+        )
+        read = list(reward(prompts=PROMPTS, completions=COMPLETIONS))
+        in_thread = await asyncio.to_thread(reward, prompts=PROMPTS, completions=COMPLETIONS)
+        return [awaited, *gathered, read, in_thread]
+
+    for scores in asyncio.run(from_a_coroutine()):
+        assert scores == pytest.approx(expected, abs=BATCH_NEIGHBOURS)
 
 
 def test_blocking_reward_function_returns_scores_even_inside_an_event_loop(
     live_server: ServerProcess, expected: list[float]
 ):
-    """``blocking=True`` (an old TRL in a notebook, whose thread runs an event loop): a plain function to every
-    TRL, and the call returns the scores, not an awaitable."""
+    """``blocking=True``: a plain function to every TRL (``__call__`` is not a coroutine function), and every call
+    returns the list."""
     from trl.trainer.utils import is_async_callable
 
     reward = RewardFunction(live_server.url, blocking=True)
@@ -99,7 +155,8 @@ def test_blocking_reward_function_returns_scores_even_inside_an_event_loop(
     async def notebook_cell():
         return reward(prompts=PROMPTS, completions=COMPLETIONS)
 
-    assert asyncio.run(notebook_cell()) == pytest.approx(expected, abs=BATCH_NEIGHBOURS)
+    scores = asyncio.run(notebook_cell())
+    assert isinstance(scores, list) and scores == pytest.approx(expected, abs=BATCH_NEIGHBOURS)
 
 
 # -- verl -------------------------------------------------------------------------------------------------------------

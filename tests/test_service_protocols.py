@@ -22,6 +22,10 @@ ANSWERS = ["four, thanks for the question", "five i think", "it is four"]
 LONG = "the cat is blue " * 40  # over the tiny model's max_length of 64 tokens: truncated
 
 
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
 @pytest.fixture(scope="module")
 def server(tiny_reward_checkpoint: Path) -> Iterator[ThreadedServer]:  # noqa: F811  (the imported fixture, requested by name)
     with ThreadedServer(make_settings(tiny_reward_checkpoint, max_wait_ms=1, max_text_chars=2000)) as s:
@@ -109,6 +113,40 @@ def test_openrlhf_sharding_over_several_urls_sends_some_replicas_an_empty_query(
         assert logs["truncated"].tolist() == [0.0] * n  # exact: 0.0/1.0 flags, not scores
 
 
+def test_openrlhf_up_to_0_9_0_posts_a_whole_rollout_step_and_the_defaults_take_it(tiny_reward_checkpoint):  # noqa: F811
+    """OpenRLHF 0.9.0, ``openrlhf/trainer/ppo_utils/experience_maker.py`` ``make_experience``: every sample of the
+    step (rollout batch x samples per prompt) goes to ``RemoteRewardModel.get_rewards``, which posts one shard per
+    URL through ``remote_rm_fn_ray`` -> ``request_api_wrapper`` (``openrlhf/utils/remote_rm_utils.py``):
+    ``requests.post(url, json={"query", "prompts", "labels"}, timeout=180)``, ``raise_for_status()`` and 5 tries,
+    then ``update_samples_with_rewards`` concatenates each shard's ``rewards`` and splits them per micro-batch.
+    With one URL that is one request for the whole step: here 275 prompts x 4 samples, each label a reference
+    solution, over the 1024 items and 8 MiB the service took before (a real step is larger: docs/frameworks.md sizes
+    the defaults for 1024 x 8 samples of 2048 tokens); the default limits (a server started without limit flags)
+    take it."""
+    import torch
+
+    n_prompts, n_samples = 275, 4
+    prompts = [f"question {i}: " + "why is the sky blue? " * 60 for i in range(n_prompts)]
+    queries = [p + f"answer {j}: " + "because of scattering. " * 25 for p in prompts for j in range(n_samples)]
+    solution = "rayleigh scattering favours short wavelengths. " * 100
+    body = {
+        "query": queries,
+        "prompts": [p for p in prompts for _ in range(n_samples)],
+        "labels": [solution] * len(queries),
+    }
+    with ThreadedServer(make_settings(tiny_reward_checkpoint)) as server:  # every limit at its default
+        response = httpx.post(server.url + "/get_reward", json=body, timeout=180)
+        assert len(queries) > 1024 and len(response.request.content) > 8 * 1024 * 1024
+        assert response.status_code == 200, response.text[:500]
+        picked = [0, len(queries) // 2, len(queries) - 1]
+        expected = scores(server, [{"text": queries[i]} for i in picked])
+    info = response.json()
+    samples_len = [n_samples] * n_prompts  # each prompt's samples, as make_experience splits the rewards back
+    rewards = torch.cat([torch.as_tensor(info["rewards"])]).split(samples_len)
+    assert len(rewards) == n_prompts and all(len(r) == n_samples for r in rewards)
+    assert [info["rewards"][i] for i in picked] == pytest.approx(expected, abs=1e-4)
+
+
 def test_openrlhf_bad_bodies_get_422_naming_the_field(server):
     url = server.url + "/get_reward"
     assert_422_at(httpx.post(url, json={"prompts": ["p"]}), ["body", "query"])
@@ -150,21 +188,24 @@ def test_slime_bad_bodies_get_422_naming_the_field(server):
     assert_422_at(httpx.post(url, json={"prompt": PROMPT, "response": "x" * 2001}), ["body", "response"])
 
 
-# -- vLLM /classify ----------------------------------------------------------------------------------------------------
-def test_classify_answers_in_vllms_shape_with_the_raw_score(server, formatter):
-    """vLLM, ``examples/pooling/classify/openai_classification_client.py``: ``requests.post(base_url + "/classify",
-    json={"model": model, "input": prompts})``; the answer is vLLM's ``ClassificationResponse``
-    (``vllm/entrypoints/pooling/classify/protocol.py``). SGLang's client posts the same body to ``/v1/classify``."""
+# -- vLLM /classify and /v1/models ---------------------------------------------------------------------------------
+def test_vllms_classify_example_client_lists_the_model_then_classifies(server, formatter):
+    """vLLM, ``examples/pooling/classify/classification_online.py``: ``requests.get(base_url + "/v1/models",
+    headers=headers)``, ``model = response.json()["data"][0]["id"]``, then ``requests.post(base_url + "/classify",
+    headers=headers, json={"model": model, "input": prompts})`` with ``headers = {"accept": "application/json",
+    "Content-Type": "application/json"}``; the answer is vLLM's ``ClassificationResponse``
+    (``vllm/entrypoints/pooling/classify/protocol.py``) with vLLM's default activation (the sigmoid for one logit)
+    and ``label = id2label[argmax(probs)]``, ``LABEL_0`` for a one-logit model. SGLang's client posts the same body
+    to ``/v1/classify``."""
+    headers = {"accept": "application/json", "Content-Type": "application/json"}
+    listed = httpx.get(server.url + "/v1/models", headers=headers, timeout=30)
+    assert listed.status_code == 200, listed.text
+    model = listed.json()["data"][0]["id"]
+    assert model == httpx.get(server.url + "/info").json()["model"]
     texts = [PROMPT + ANSWERS[0], PROMPT + ANSWERS[1]]
-    expected = scores(server, [{"text": t} for t in texts])
-    model = httpx.get(server.url + "/info").json()["model"]
+    raw = scores(server, [{"text": t} for t in texts])
     for path in ("/classify", "/v1/classify"):
-        response = httpx.post(
-            server.url + path,
-            json={"model": model, "input": texts},
-            headers={"accept": "application/json"},
-            timeout=30,
-        )
+        response = httpx.post(server.url + path, headers=headers, json={"model": model, "input": texts}, timeout=30)
         assert response.status_code == 200, response.text
         body = response.json()
         assert set(body) == {"id", "object", "created", "model", "data", "usage"}
@@ -172,27 +213,99 @@ def test_classify_answers_in_vllms_shape_with_the_raw_score(server, formatter):
         assert isinstance(body["created"], int)
         assert [d["index"] for d in body["data"]] == [0, 1]
         assert all(d["num_classes"] == 1 and len(d["probs"]) == 1 for d in body["data"])
-        assert [d["probs"][0] for d in body["data"]] == pytest.approx(expected, abs=1e-5)
+        assert [d["label"] for d in body["data"]] == ["LABEL_0", "LABEL_0"]  # exact: the config's id2label[0]
+        assert [d["probs"][0] for d in body["data"]] == pytest.approx([sigmoid(x) for x in raw], abs=1e-5)
         tokens = sum(len(formatter.encode({"text": t}).input_ids) for t in texts)
         assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == tokens
 
 
-def test_classify_takes_one_string_messages_and_the_activation_flags(server):
+def test_v1_models_answers_as_vllm_lists_a_model(server, tiny_reward_checkpoint):  # noqa: F811
+    """vLLM ``OpenAIServingModels.show_available_models``: one ``ModelCard`` per served model, ``id`` the served
+    name, ``root`` the model path, ``max_model_len``, one ``ModelPermission``; ``ModelList(object="list")``."""
+    info = httpx.get(server.url + "/info").json()
+    body = httpx.get(server.url + "/v1/models", timeout=30).json()
+    assert body["object"] == "list" and len(body["data"]) == 1
+    card = body["data"][0]
+    assert card["id"] == info["model"] and card["object"] == "model" and isinstance(card["created"], int)
+    assert card["root"] == str(tiny_reward_checkpoint.resolve()) and card["parent"] is None
+    assert card["max_model_len"] == info["formatting"]["max_length"] == 64
+    assert isinstance(card["owned_by"], str) and card["permission"][0]["object"] == "model_permission"
+
+
+def test_the_openai_sdk_lists_the_served_model(keyed):
+    """The OpenAI SDK (``openai.OpenAI(base_url=.../v1, api_key=KEY).models.list()``), as a vLLM user's code
+    calls it, sends ``GET /v1/models`` with ``Authorization: Bearer KEY`` and reads the page's ``data``."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    served = httpx.get(keyed.url + "/info").json()["model"]
+    assert [m.id for m in client.models.list()] == [served]
+    assert client.models.list().data[0].owned_by
+    with pytest.raises(openai.AuthenticationError):  # vLLM guards /v1 routes with its --api-key too
+        openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_health_is_vllms_probe_empty_200_when_ready_503_while_loading(server, controlled, tiny_reward_checkpoint):  # noqa: F811
+    """vLLM ``GET /health`` answers 200 with an empty body, 503 (empty) when its engine is dead; it serves nothing
+    while loading. Here loading is 503 as well, and scoring routes tell the same with Retry-After."""
+    ready = httpx.get(server.url + "/health", timeout=30)
+    assert ready.status_code == 200 and ready.content == b""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    controlled.warm_gate.clear()  # the app stays in its loading phase until this opens
+    app = create_app(make_settings(tiny_reward_checkpoint), controlled)
+    with TestClient(app) as client:
+        loading = client.get("/health")
+        assert loading.status_code == 503 and loading.content == b""
+        listed = client.get("/v1/models")
+        assert listed.status_code == 503 and "retry-after" in listed.headers
+        controlled.warm_gate.set()
+        assert app.state.runtime.wait_until_loaded(30)
+        assert client.get("/health").status_code == 200
+
+
+def test_classify_activation_flags_as_vllm_reads_them(server):
+    """vLLM ``get_use_activation``: the deprecated ``softmax``, then the deprecated ``activation``, then
+    ``use_activation``; none set means the pooler's default, the activation (the sigmoid for one logit)."""
     text = PROMPT + ANSWERS[2]
-    conversation = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": ANSWERS[2]}]
-    raw_text, raw_messages = scores(server, [{"text": text}, {"messages": conversation}])
+    (raw,) = scores(server, [{"text": text}])
 
-    def probs(body: dict) -> list[float]:
-        response = httpx.post(server.url + "/classify", json=body, timeout=30)
+    def probs(**flags) -> float:
+        response = httpx.post(server.url + "/classify", json={"input": text, **flags}, timeout=30)
         assert response.status_code == 200, response.text
-        return [d["probs"][0] for d in response.json()["data"]]
+        return response.json()["data"][0]["probs"][0]
 
-    assert probs({"input": text}) == pytest.approx([raw_text], abs=1e-5)  # no model: the served one
-    assert probs({"messages": conversation}) == pytest.approx([raw_messages], abs=1e-5)
-    sigmoid = 1 / (1 + math.exp(-raw_text))
-    assert probs({"input": text, "use_activation": True}) == pytest.approx([sigmoid], abs=1e-5)
-    assert probs({"input": text, "activation": True}) == pytest.approx([sigmoid], abs=1e-5)  # older vLLM spelling
-    assert probs({"input": text, "use_activation": False, "activation": True}) == pytest.approx([raw_text], abs=1e-5)
+    on, off = pytest.approx(sigmoid(raw), abs=1e-5), pytest.approx(raw, abs=1e-5)
+    assert probs() == on  # no model: the served one; no flag: vLLM's default
+    assert probs(use_activation=False) == off and probs(use_activation=True) == on
+    assert probs(activation=False) == off and probs(softmax=False) == off
+    assert probs(softmax=True, use_activation=False) == on  # the deprecated spelling is read first
+    assert probs(softmax=False, activation=True) == off
+    assert probs(activation=True, use_activation=False) == on
+
+
+def test_classify_takes_openai_content_parts_wherever_messages_are(server):
+    """OpenAI-style content parts (vLLM's ``examples/pooling/classify/vision_classification_online.py`` posts
+    ``{"role": "user", "content": [{"type": "text", "text": ...}, ...]}``): text parts are joined with newlines, as
+    vLLM renders them for a text chat template; other part types are refused by name (a text-only model)."""
+    parts = [{"type": "text", "text": PROMPT}, {"type": "text", "text": "be brief"}]
+    flat = [{"role": "user", "content": PROMPT + "\n" + "be brief"}, {"role": "assistant", "content": ANSWERS[0]}]
+    with_parts = [{"role": "user", "content": parts}, {"role": "assistant", "content": ANSWERS[0]}]
+    (expected,) = scores(server, [{"messages": flat}])
+    assert scores(server, [{"messages": with_parts}]) == pytest.approx([expected], abs=1e-5)
+    response = httpx.post(server.url + "/classify", json={"messages": with_parts, "use_activation": False})
+    assert response.status_code == 200, response.text
+    assert response.json()["data"][0]["probs"] == pytest.approx([expected], abs=1e-5)
+    reward = httpx.post(server.url + "/reward", json={"prompt": with_parts[:1], "response": ANSWERS[0], "label": 1})
+    assert reward.status_code == 200 and reward.json()["reward"] == pytest.approx(expected, abs=1e-5)
+    pair = {"prompt": with_parts[:1], "chosen": with_parts[1:], "rejected": [{"role": "assistant", "content": "x"}]}
+    compared = httpx.post(server.url + "/compare", json={"pairs": [pair]})
+    assert compared.status_code == 200 and compared.json()["chosen_scores"] == pytest.approx([expected], abs=1e-5)
+    image = {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.jpg"}}
+    refused = httpx.post(server.url + "/classify", json={"messages": [{"role": "user", "content": [*parts, image]}]})
+    assert_422_at(refused, ["body", "messages", 0, "content", "parts", 2])
+    assert "image_url" in refused.text
 
 
 def test_classify_refuses_another_model_and_what_it_cannot_honour(server):

@@ -1,4 +1,5 @@
-"""Probes and introspection: ``/healthz``, ``/readyz``, ``/info``, ``/metrics``. Never behind the API key."""
+"""Probes and introspection: ``/healthz``, ``/readyz``, ``/health`` (vLLM's probe), ``/info``, ``/metrics``. Never
+behind the API key."""
 
 from __future__ import annotations
 
@@ -33,6 +34,17 @@ async def readyz(request: Request) -> JSONResponse:
     if lifecycle.failure:
         body["failure"] = lifecycle.failure
     return JSONResponse(body, status_code=200 if lifecycle.ready else 503)
+
+
+@router.get(
+    "/health",
+    response_class=Response,
+    responses={200: {"description": "ready (empty body)"}, 503: {"description": "not ready (empty body)"}},
+)
+async def health(request: Request) -> Response:
+    """vLLM's probe: 200 with an empty body once ready, 503 with an empty body otherwise (vLLM answers 503 when its
+    engine is dead, and nothing at all while loading; here loading, a failed load and draining are all 503)."""
+    return Response(status_code=200 if runtime_of(request).lifecycle.ready else 503)
 
 
 @router.get("/info", response_model=InfoResponse)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service.api.common import SCORING_ERRORS, scoring_of
-from service.schemas import SlimeRewardRequest, SlimeRewardResponse
+from service.schemas import SlimeRewardRequest, SlimeRewardResponse, plain_messages
 from service.scoring import Item
 
 router = APIRouter(tags=["scoring"], responses=SCORING_ERRORS)
@@ -25,7 +25,7 @@ async def reward(body: SlimeRewardRequest, request: Request) -> SlimeRewardRespo
         payload = {"prompt": body.prompt, "response": body.response}
         source = payload
     else:
-        messages = [{"role": m.role, "content": m.content} for m in body.prompt]
+        messages = plain_messages(body.prompt)
         payload = {"messages": [*messages, {"role": "assistant", "content": body.response}]}
         source = {"prompt": messages, "response": body.response}
     scored = await scoring_of(request).score(request, [Item(payload, ("body",), source)], field="prompt")

@@ -1,28 +1,50 @@
-"""vLLM's pooling classify API (``POST /classify``, also ``/v1/classify``, as SGLang serves it), for a reward model.
+"""vLLM's OpenAI-compatible server, as far as a reward model serves it: ``POST /classify`` (also ``/v1/classify``,
+as SGLang serves it) and ``GET /v1/models``.
 
-Requests and answers have vLLM's shapes, so vLLM's and SGLang's classify clients can point here. Each input is one
-item: a text is scored whole (``{"text"}``), a ``messages`` list is rendered with the model's chat template. The
-answer's ``probs`` holds one value per input: the raw score, unless ``use_activation`` (or the older
-``activation``) is true, then its sigmoid, which is what vLLM's classify activation computes for a one-logit model.
-Note that vLLM *defaults* to the activation for a one-logit classifier; this service defaults to the raw score,
-as vLLM does when started with ``--pooler-config '{"use_activation": false}'``. A ``model`` other than the served
-one gets vLLM's 404 ("The model `x` does not exist.").
+Requests and answers have vLLM's shapes, so vLLM's and SGLang's classify clients and the OpenAI SDK can point here.
+Each classify input is one item: a text is scored whole (``{"text"}``), a ``messages`` list is rendered with the
+model's chat template. The answer's ``probs`` holds one value per input, with vLLM's classify activation applied as
+vLLM applies it: the first of ``softmax``, ``activation``, ``use_activation`` that the request sets decides, and
+without any of them the activation is on; for a one-logit model it is the sigmoid, and for a model whose config
+declares ``problem_type: regression`` the identity (the raw score). A ``model`` other than the served one gets
+vLLM's 404 ("The model `x` does not exist.").
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 
 from service.api.common import SCORING_ERRORS, runtime_of, scoring_of
 from service.errors import ModelNotFound
-from service.schemas import ClassificationData, ClassificationResponse, ClassifyRequest, ClassifyUsage
+from service.schemas import (
+    ClassificationData,
+    ClassificationResponse,
+    ClassifyRequest,
+    ClassifyUsage,
+    ModelCard,
+    ModelList,
+    plain_messages,
+)
 from service.scoring import Item, sigmoid
 
 router = APIRouter(tags=["scoring"], responses=SCORING_ERRORS)
 _NOT_FOUND = {404: {"description": "the request's model is not the served one"}}
+
+
+@functools.cache
+def _is_regression(model_dir: str) -> bool:
+    """Whether the model's config declares ``problem_type: regression`` (vLLM then never applies an activation)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("problem_type") == "regression"
 
 
 @router.post("/classify", response_model=ClassificationResponse, responses=_NOT_FOUND)
@@ -34,7 +56,7 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassificationRes
     if body.model is not None and body.model not in (model.name, model.source, runtime_of(request).settings.model):
         raise ModelNotFound(f"The model `{body.model}` does not exist. This service serves `{model.name}`.")
     if body.messages is not None:
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        messages = plain_messages(body.messages)
         items = [Item({"messages": messages}, ("body", "messages"), messages)]
         field = "messages"
     elif isinstance(body.input, str):
@@ -45,7 +67,8 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassificationRes
         field = "input"
     scored = await service.score(request, items, field=field)
     label = (model.reward_label or "").partition(":")[2] or None
-    values = [sigmoid(s) for s in scored.scores] if body.activated else scored.scores
+    activated = body.activated and not _is_regression(model.source)
+    values = [sigmoid(s) for s in scored.scores] if activated else scored.scores
     tokens = sum(scored.tokens)
     return ClassificationResponse(
         id=f"classify-{uuid.uuid4().hex}",
@@ -53,4 +76,15 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassificationRes
         model=model.name,
         data=[ClassificationData(index=i, label=label, probs=[v], num_classes=1) for i, v in enumerate(values)],
         usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens),
+    )
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(request: Request) -> ModelList:
+    """The served model, as vLLM's `GET /v1/models` lists it (what vLLM's clients and the OpenAI SDK read first);
+    503 while loading or draining, as the scoring routes (vLLM serves nothing until its model is loaded)."""
+    with runtime_of(request).lifecycle.admit():
+        model = scoring_of(request).model
+    return ModelList(
+        data=[ModelCard(id=model.name, root=model.source, max_model_len=model.formatting.get("max_length"))]
     )
