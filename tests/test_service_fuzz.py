@@ -72,8 +72,12 @@ json_values = json_values_of(texts)
 
 
 def messages(text=texts):
+    """Chat messages whose content is a text or OpenAI-style text parts."""
+    parts = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text}), min_size=1, max_size=3)
     return st.lists(
-        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]) | text, "content": text}),
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "assistant", "system"]) | text, "content": text | parts}
+        ),
         min_size=1,
         max_size=3,
     )
@@ -123,7 +127,8 @@ def reward_bodies(text=texts):
 
 def classify_bodies(text=texts):
     """vLLM's classify body: one text, a list of texts, or one conversation; the model named or not."""
-    options = {"model": st.just(MODEL), "use_activation": st.booleans(), "activation": st.booleans()}
+    flags = {name: st.booleans() for name in ("use_activation", "activation", "softmax")}
+    options = {"model": st.just(MODEL), **flags}
     return st.one_of(
         st.fixed_dictionaries({"input": text | st.lists(text, min_size=1, max_size=MAX_ITEMS)}, optional=options),
         st.fixed_dictionaries({"messages": messages(text)}, optional=options),

@@ -1,5 +1,5 @@
 """The training frameworks' protocols through a real uvicorn server: OpenRLHF's ``/get_reward``, slime's ``/reward``
-and vLLM's ``/classify``.
+and vLLM's ``/classify``, ``/v1/models`` and ``/health`` (with vLLM's example client and the OpenAI SDK).
 
 Each request is shaped as that framework's client sends it (the client's source is named in each test); each value
 must equal ``/score``'s for the same text within the request-shape tolerance (1e-5); bad input gets a 422 whose
