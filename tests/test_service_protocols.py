@@ -285,6 +285,24 @@ def test_classify_activation_flags_as_vllm_reads_them(server):
     assert probs(activation=True, use_activation=False) == on
 
 
+def test_classify_answers_the_raw_score_for_a_regression_config_as_vllm(tiny_reward_checkpoint, tmp_path):  # noqa: F811
+    """vLLM ``get_classification_activation_function``: a config with ``problem_type: regression`` gets the
+    identity, whatever the request's flags."""
+    import json
+    import shutil
+
+    from service_fixtures import app_client
+
+    checkpoint = shutil.copytree(tiny_reward_checkpoint, tmp_path / "regression")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "problem_type": "regression"}))
+    with app_client(make_settings(checkpoint, backend="torch")) as client:
+        (raw,) = client.post("/score", json={"items": [{"text": PROMPT}]}).json()["scores"]
+        for flags in ({}, {"use_activation": True}, {"softmax": True}):
+            response = client.post("/classify", json={"input": PROMPT, **flags})
+            assert response.json()["data"][0]["probs"] == pytest.approx([raw], abs=1e-5), flags
+
+
 def test_classify_takes_openai_content_parts_wherever_messages_are(server):
     """OpenAI-style content parts (vLLM's ``examples/pooling/classify/vision_classification_online.py`` posts
     ``{"role": "user", "content": [{"type": "text", "text": ...}, ...]}``): text parts are joined with newlines, as
