@@ -181,7 +181,7 @@ def test_read_only_checkpoint_exports_to_the_cache_folder(tiny_bert_dir, tmp_pat
 def test_unpadded_backend_serves_first_come_first_served(backend, window, expected_window, tiny_bert_dir, tmp_path):
     """ONNX Runtime computes each text alone, so grouping by length saves nothing: by default a text then waits only
     for those that came before it. Padded torch batches keep grouping by length."""
-    from service_fixtures import app_client, make_settings
+    from tests.fixtures.servers import app_client, make_settings
 
     path = _copy(tiny_bert_dir, tmp_path)
     settings = make_settings(path, backend=backend, batch_window_items=window)

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import reward_train_argv, run_module, write_jsonl
 
+from tests.fixtures.commands import reward_train_argv, run_module, write_jsonl
 from training import demo_data
 from training.checkpoint import MANIFEST_NAME, forward_scores, load_checkpoint, read_manifest
 from training.data import fingerprint
@@ -173,6 +173,7 @@ def test_manifest_metrics_match_a_fresh_evaluation(bert_run):
     assert on_train["normalization"]["std"] == pytest.approx(bert_run.manifest["normalization"]["std"], abs=1e-5)
 
 
+@pytest.mark.slow  # a reward-train run as a subprocess
 def test_cli_checkpoint_fixture(trained_bert_checkpoint):
     """The subprocess ``reward-train`` run the service tests reuse: loadable, with a manifest and the recipe."""
     checkpoint = load_checkpoint(trained_bert_checkpoint)
@@ -261,6 +262,7 @@ def test_bad_input_exits_2_with_one_clear_line(bad_cases, case, tmp_path, capsys
     assert not (tmp_path / "out" / MANIFEST_NAME).exists()
 
 
+@pytest.mark.slow  # reward-train as a subprocess, once per bad input
 def test_bad_input_subprocess_has_no_traceback(bad_cases, tmp_path):
     model, data, needle = bad_cases["missing_column"]
     result = run_module("training.train", *reward_train_argv(model, data, tmp_path / "out"))
