@@ -84,6 +84,7 @@ def llama_run(tmp_path_factory, tiny_llama_dir):
 
 
 # -- the checkpoint -------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_checkpoint_files_and_config(bert_run, tiny_bert_dir):
     out = bert_run.output_dir
     for name in (
@@ -101,6 +102,7 @@ def test_checkpoint_files_and_config(bert_run, tiny_bert_dir):
     assert not list(out.glob("*.bin")) and not list(out.glob("checkpoint-*"))  # safetensors only, no step folders
 
 
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_manifest_is_complete(bert_run, tiny_bert_dir):
     manifest = read_manifest(bert_run.output_dir)
     assert manifest == json.loads(json.dumps(bert_run.manifest | {"format_version": 1}))
@@ -123,6 +125,7 @@ def test_manifest_is_complete(bert_run, tiny_bert_dir):
     assert len(training["data_fingerprint"]) == 64
 
 
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_model_card(bert_run):
     card = (bert_run.output_dir / "README.md").read_text()
     assert card.startswith("---\n") and "reward-model" in card
@@ -130,6 +133,7 @@ def test_model_card(bert_run):
     assert "reward-serve" in card
 
 
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_no_pair_is_dropped_and_truncation_is_counted(bert_run, tiny_bert_dir):
     from transformers import AutoTokenizer
 
@@ -150,6 +154,7 @@ def test_no_pair_is_dropped_and_truncation_is_counted(bert_run, tiny_bert_dir):
     assert all(len(ids) <= MAX_LENGTH for ids in bert_run.trainer.train_dataset["rejected_ids"])
 
 
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_reloaded_checkpoint_reproduces_the_trainers_rewards(bert_run):
     checkpoint = load_checkpoint(bert_run.output_dir)
     n = 6
@@ -163,6 +168,7 @@ def test_reloaded_checkpoint_reproduces_the_trainers_rewards(bert_run):
     assert reloaded[n:] == pytest.approx(rejected, abs=1e-5)
 
 
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_manifest_metrics_match_a_fresh_evaluation(bert_run):
     checkpoint = load_checkpoint(bert_run.output_dir)
     on_eval = evaluate_pairs(checkpoint, bert_run.eval_rows)
@@ -185,6 +191,7 @@ def test_cli_checkpoint_fixture(trained_bert_checkpoint):
 
 
 # -- the decoder path -----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_decoder_trains_and_writes_pad_token_id(llama_run, tiny_llama_dir):
     from transformers import AutoTokenizer
 
@@ -200,6 +207,7 @@ def test_decoder_trains_and_writes_pad_token_id(llama_run, tiny_llama_dir):
     assert llama_run.manifest["eval"]["n"] == 4 and len(llama_run.trainer.train_dataset) == 12
 
 
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_decoder_rewards_reproduce_with_the_chat_template(llama_run, tiny_llama_dir):
     checkpoint = load_checkpoint(llama_run.output_dir)
     tokenizer = checkpoint.formatter.tokenizer
@@ -213,6 +221,7 @@ def test_decoder_rewards_reproduce_with_the_chat_template(llama_run, tiny_llama_
     assert reloaded == pytest.approx(chosen + rejected, abs=1e-5)
 
 
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_decoder_checkpoint_gives_a_pre_templated_text_no_second_bos(llama_run):
     """The rule is in the manifest training wrote, so the loaded (served) formatter applies it too."""
     assert llama_run.manifest["formatting"]["skip_duplicate_specials"] is True
