@@ -227,9 +227,9 @@ def test_the_tiny_bert_is_served_with_its_fast_graph_or_says_so(renamed, tiny_be
     internal the graph is written against is missing, as after a transformers rename), the log warns and /info and
     the ``reward_fast_graph_missing`` metric say so, naming the internal."""
     from prometheus_client.parser import text_string_to_metric_families
-    from service_fixtures import app_client, make_settings
 
     from service.graphs import bert
+    from tests.fixtures.servers import app_client, make_settings
 
     if renamed:
         monkeypatch.setattr(bert, "LAYER_INTERNALS", (*bert.LAYER_INTERNALS, "attention.self.renamed"))
