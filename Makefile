@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 DEMO_CHECKPOINT ?= checkpoints/demo
 
-.PHONY: install install-demo lint test demo serve bench bench-peers bench-vllm clean
+.PHONY: install install-demo lint test test-fast demo serve bench bench-peers bench-vllm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,14 @@ lint: $(VENV)/.installed-all
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The whole suite (what CI runs).
 test: lint
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# The inner loop: everything but the end-to-end runs marked slow (training runs, servers as subprocesses, venv
+# builds, the benchmarks' smoke runs); no lint.
+test-fast: $(VENV)/.installed-all
+	$(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 $(DEMO_CHECKPOINT)/reward_manifest.json: $(VENV)/.installed-demo
 	$(BIN)/reward-train --output_dir $(DEMO_CHECKPOINT) --dataset_name demo --num_train_epochs 2 --learning_rate 5e-5

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ceiling import _batches_sorted, remeasure, torch_forward
-from bench.texts import DEFAULT_DATA, load_pool
+from bench.texts import add_data_arguments, load_pool, load_rows
 
 Forward = Callable[[list[list[int]]], list[float]]
 
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--backends", default="torch,onnx", help="comma-separated; the first is the reference")
     p.add_argument("--texts", type=int, default=512)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    add_data_arguments(p)
     p.add_argument("--batch-size", type=int, default=8, help="length-sorted batch size (the service's default ~8)")
     p.add_argument("--workers", default="2,1", help="thread layouts to time: 2 (two workers, half the threads) and 1")
     p.add_argument("--max-length", type=int, default=None, help="truncation, for a checkpoint without a manifest")
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     checkpoint = load_checkpoint(args.checkpoint, dtype="float32", device="cpu", max_length=args.max_length)
-    pool = load_pool(args.texts, data=args.data)
+    pool = load_pool(args.texts, *load_rows(args.data, data_dir=args.data_dir, split=args.split))
     sequences = [checkpoint.formatter.encode(item).input_ids for item in pool.items]
     print(
         f"{len(sequences)} texts from {pool.source}, mean {statistics.mean(map(len, sequences)):.0f} tokens; "

@@ -4,12 +4,12 @@
     python -m bench.failover --checkpoint DIR --fault term --threads 8 --calls 40
     python -m bench.failover --smoke                 # a tiny random model: checks the harness, says nothing of speed
 
-Several threads each make ``--calls`` calls of ``--texts-per-call`` texts (hh-rlhf transcripts when
-``../shared/data`` is there, demo pairs otherwise). Once ``--fault-after`` calls are answered, replica A gets SIGKILL
-(``--fault kill``) or SIGTERM (``--fault term``: it drains). Printed: whether every call was answered with all its
-scores, throughput and call latency (p50, p99, max) before the fault and from it on, and how the client treated the
-dead replica: how many requests still went to it after the fault, how long they took in all, and when the last one
-was sent.
+Several threads each make ``--calls`` calls of ``--texts-per-call`` texts (``--data``: hh-rlhf transcripts by
+default, the demo pairs with ``--smoke``; see :mod:`bench.texts`). Once ``--fault-after`` calls are answered,
+replica A gets SIGKILL (``--fault kill``) or SIGTERM (``--fault term``: it drains). Printed: whether every call was
+answered with all its scores, throughput and call latency (p50, p99, max) before the fault and from it on, and how
+the client treated the dead replica: how many requests still went to it after the fault, how long they took in all,
+and when the last one was sent.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import httpx
 
 from bench.procstat import _process_seconds, describe_machine
 from bench.servers import Server, service_argv
-from bench.texts import DEFAULT_DATA, load_pool
+from bench.texts import DEMO, HUB_DATA, add_data_arguments, load_pool, load_rows
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.failover", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to serve (default: bench's MiniLM)")
     p.add_argument("--smoke", action="store_true", help="serve a tiny random model (harness check only)")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="hh-rlhf jsonl (demo pairs when absent)")
+    add_data_arguments(p)
+    p.set_defaults(data=None)  # Anthropic/hh-rlhf; --smoke: the demo pairs
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=6, help="client threads (default 6)")
     p.add_argument("--calls", type=int, default=12, help="calls per thread (default 12)")
@@ -114,6 +115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--replica-arg", action="append", default=[], metavar="ARG", help="extra reward-serve argument")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = p.parse_args(argv)
+    if args.data is None:
+        args.data = DEMO if args.smoke else HUB_DATA
     if args.fault_after is None:
         args.fault_after = args.threads * args.calls // 3
     return args
@@ -123,10 +126,8 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     from bench.run import resolve_checkpoint
     from service.client import RetryPolicy, RewardClient
 
-    checkpoint = resolve_checkpoint(
-        argparse.Namespace(checkpoint=args.checkpoint, smoke=args.smoke, data=args.data), scratch
-    )
-    pool = load_pool(512, data=args.data)
+    pool = load_pool(512, *load_rows(args.data, data_dir=args.data_dir, split=args.split))
+    checkpoint = resolve_checkpoint(args, scratch)
     total = args.threads * args.calls
     # The machine's cores split between the two replicas: one inference worker with one torch thread each.
     extra = ["--inference-workers", "1", "--torch-threads", "1", *args.replica_arg]

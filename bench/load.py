@@ -1,14 +1,10 @@
 """The load generator: closed-loop clients (each sends, waits for the answer, sends again) and an open-loop run at a
 fixed arrival rate, both over keep-alive HTTP/1.1 connections on loopback.
 
-Two client implementations send byte-identical requests:
-
-- ``raw`` (the default): a minimal HTTP/1.1 keep-alive client on asyncio streams (uvloop when installed), one
-  connection per simulated worker. It costs far less CPU per request than httpx, which matters when the load
-  generator shares a small machine with the server it measures: every millisecond it spends is taken from the
-  server. ``bench_process_cores`` in the report says how much it took;
-- ``httpx``: ``httpx.AsyncClient`` with a connection pool as large as the concurrency, as a Python RLHF client
-  would use.
+The client is a minimal HTTP/1.1 keep-alive client on asyncio streams (uvloop when installed), one connection per
+simulated worker. It costs far less CPU per request than httpx, which matters when the load generator shares a
+small machine with the server it measures: every millisecond it spends is taken from the server.
+``bench_process_cores`` in the report says how much it took.
 
 Every request body is built before the clock starts. A request counts when its answer arrives inside the
 measurement window (after the warm-up), so throughput is completed texts per second of window.
@@ -239,38 +235,6 @@ class RawPool:
         self.idle.clear()
 
 
-class HttpxPool:
-    def __init__(self, url: str, connections: int, timeout: float):
-        import httpx
-
-        self.url = url
-        self.client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-            timeout=timeout,
-            headers={"content-type": "application/json"},
-        )
-
-    async def post(self, body: bytes) -> tuple[int, bytes]:
-        import httpx
-
-        try:
-            response = await self.client.post(self.url, content=body)
-        except httpx.HTTPError as exc:
-            raise ClientError(f"{exc.__class__.__name__}: {exc}") from exc
-        return response.status_code, response.content
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-
-
-def make_pool(kind: str, url: str, connections: int, timeout: float):
-    if kind == "raw":
-        return RawPool(url)
-    if kind == "httpx":
-        return HttpxPool(url, connections, timeout)
-    raise ValueError(f"unknown client kind {kind!r} (raw or httpx)")
-
-
 async def _send(
     pool, payload: Payload, start: float, records: list[Record], errors: dict[str, int], timeout: float
 ) -> Record:
@@ -317,7 +281,6 @@ async def closed_loop(
     concurrency: int,
     warmup_s: float,
     duration_s: float,
-    client: str = "raw",
     timeout: float = 120.0,
     min_requests: int = 1,
     scrape: Callable[[], Any] | None = None,
@@ -329,7 +292,7 @@ async def closed_loop(
     """
     records: list[Record] = []
     errors: dict[str, int] = {}
-    pool = make_pool(client, url, concurrency, timeout)
+    pool = RawPool(url)
     start = time.perf_counter()
     window = [start + warmup_s, start + warmup_s + duration_s]
     hard_stop = window[1] + timeout
@@ -371,7 +334,6 @@ async def open_loop(
     rate: float,
     warmup_s: float,
     duration_s: float,
-    client: str = "raw",
     max_in_flight: int = 512,
     timeout: float = 120.0,
     scrape: Callable[[], Any] | None = None,
@@ -380,7 +342,7 @@ async def open_loop(
     scheduled send time (no coordinated omission)."""
     records: list[Record] = []
     errors: dict[str, int] = {}
-    pool = make_pool(client, url, max_in_flight, timeout)
+    pool = RawPool(url)
     start = time.perf_counter()
     window = (start + warmup_s, start + warmup_s + duration_s)
     total = int(rate * (warmup_s + duration_s))

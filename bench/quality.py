@@ -1,13 +1,14 @@
 """Quality benchmark: train on real hh-rlhf harmless pairs and measure held-out accuracy.
 
-    python -m bench.quality [--data FILE] [--eval-pairs 300] [-- extra reward-train flags]
+    python -m bench.quality [--data Anthropic/hh-rlhf | FILE] [--eval-pairs 300] [-- extra reward-train flags]
     python -m bench.quality --compare --output DIR [--folds 3] [--seeds 0,1] [--max-runs N]
 
-The first form splits the file deterministically (seed 0) into training and held-out pairs in a scratch folder (the
-data is never written into the project), runs ``reward-train`` with its defaults plus any extra flags, then
-``reward-eval`` on the held-out pairs, and prints the accuracy and the wall-clock training time.
+``--data`` is a hub data set id (the hh-rlhf harmless pairs by default, through ``datasets``) or a local .jsonl file
+(see :mod:`bench.texts`). The first form splits the pairs deterministically (seed 0) into training and held-out pairs
+in a scratch folder (the data is never written into the project), runs ``reward-train`` with its defaults plus any
+extra flags, then ``reward-eval`` on the held-out pairs, and prints the accuracy and the wall-clock training time.
 
-``--compare`` puts two recipes side by side on the same k folds of the file (each pair held out exactly once):
+``--compare`` puts two recipes side by side on the same k folds of the pairs (each pair held out exactly once):
 ``default`` (``reward-train`` with its defaults) and ``trl-stock`` (TRL's ``RewardTrainer`` with its own defaults,
 see :mod:`bench.trl_stock`), every fold with every seed, interleaved (default, trl-stock, default, ...) so machine
 drift hits both alike. Both checkpoints are scored by ``reward-eval`` on the fold's held-out pairs, each with the
@@ -15,8 +16,7 @@ formatting recipe in its manifest, i.e. the tokenization it was trained with. Ev
 ``DIR/runs/`` as it finishes and skipped when there already, so a study can be resumed or grown (``--max-runs``)
 run by run; the table over whatever runs exist is printed and written to ``DIR/compare.json`` and
 ``DIR/compare.md``. Several processes may share one ``--output`` (e.g. one per recipe, or more to use more
-cores): each run is claimed by creating its folder under ``DIR/work/``, deleted when the run is done. Skips cleanly
-when the data is absent.
+cores): each run is claimed by creating its folder under ``DIR/work/``, deleted when the run is done.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl"
+from bench.texts import add_data_arguments, load_rows
+
 RECIPES = ("default", "trl-stock")
 
 
@@ -43,8 +44,14 @@ def read_lines(data: Path) -> list[str]:
     return [line for line in data.read_text().splitlines() if line.strip()]
 
 
-def split_file(data: Path, eval_pairs: int, out: Path, seed: int = 0) -> tuple[Path, Path]:
-    rows = read_lines(data)
+def data_lines(args: argparse.Namespace) -> list[str]:
+    """The pairs ``--data`` names, one JSON object a line."""
+    rows, _ = load_rows(args.data, data_dir=args.data_dir, split=args.split)
+    return [json.dumps(row, ensure_ascii=False) for row in rows]
+
+
+def split_lines(rows: list[str], eval_pairs: int, out: Path, seed: int = 0) -> tuple[Path, Path]:
+    rows = list(rows)
     random.Random(seed).shuffle(rows)
     train, held_out = out / "train.jsonl", out / "heldout.jsonl"
     train.write_text("\n".join(rows[eval_pairs:]) + "\n")
@@ -85,7 +92,7 @@ def evaluate(checkpoint: Path, held_out: Path, report: Path) -> dict[str, Any]:
 def single(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="reward-quality-") as scratch:
         scratch = Path(scratch)
-        train, held_out = split_file(args.data, args.eval_pairs, scratch)
+        train, held_out = split_lines(data_lines(args), args.eval_pairs, scratch)
         output = args.output or scratch / "checkpoint"
         cmd = [
             sys.executable,
@@ -272,7 +279,7 @@ def markdown(summary: dict[str, Any], results: list[dict[str, Any]]) -> str:
 def compare(args: argparse.Namespace) -> int:
     if args.output is None:
         raise SystemExit("--compare needs --output DIR (runs are kept there, so a study can be resumed)")
-    rows = read_lines(args.data)
+    rows = data_lines(args)
     runs_dir = args.output / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     flags = {"default": shlex.split(args.default_flags), "trl-stock": shlex.split(args.trl_flags)}
@@ -307,13 +314,13 @@ def compare(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    add_data_arguments(parser)
     parser.add_argument("--eval-pairs", type=int, default=300)
     parser.add_argument(
         "--output", type=Path, default=None, help="checkpoint folder (--compare: the study's results folder)"
     )
     parser.add_argument("--compare", action="store_true", help="the default and TRL's stock recipe side by side")
-    parser.add_argument("--folds", type=int, default=3, help="--compare: k folds of the file")
+    parser.add_argument("--folds", type=int, default=3, help="--compare: k folds of the pairs")
     parser.add_argument(
         "--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1], help="--compare: e.g. 0,1"
     )
@@ -329,9 +336,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trl-flags", default="", help="--compare: extra RewardConfig flags for trl-stock")
     parser.add_argument("train_flags", nargs="*", help="extra reward-train flags, after --")
     args = parser.parse_args(argv)
-    if not args.data.is_file():
-        print(f"skipped: {args.data} is absent (the hh-rlhf pairs live in ../shared/data)")
-        return 0
     return compare(args) if args.compare else single(args)
 
 

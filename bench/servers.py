@@ -67,11 +67,10 @@ class Server:
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.root), self.env.get("PYTHONPATH", "")) if p)
         self.proc: subprocess.Popen | None = None
         self.url: str | None = url.rstrip("/") if url else None
-        self.external_pid: int | None = None
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else self.external_pid
+        return self.proc.pid if self.proc is not None else None
 
     def process_tree(self) -> list[int]:
         """The server's process and its descendants (vLLM's engine and workers run in children)."""
@@ -83,13 +82,6 @@ class Server:
             return [self.pid] + [child.pid for child in psutil.Process(self.pid).children(recursive=True)]
         except psutil.Error:  # gone: the measurement will say so
             return [self.pid]
-
-    @classmethod
-    def external(cls, name: str, url: str, pid: int | None = None) -> Server:
-        """A server somebody else started (``--service-url``): measured, never started or stopped here."""
-        server = cls(name, [], Path("/dev/null"), url=url)
-        server.external_pid = pid
-        return server
 
     def start(self, timeout: float = 180.0) -> Server:
         return self.launch().wait_ready(timeout)

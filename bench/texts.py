@@ -1,20 +1,51 @@
-"""The benchmark's texts: real hh-rlhf transcripts when ``../shared`` has them, else the project's demo pairs.
+"""The benchmarks' data: preference pairs named by ``--data``, and the text pool a throughput run sends.
 
-The hh-rlhf harmless pairs matter for a throughput benchmark because of their length spread (median about 130
-MiniLM tokens, a long tail past 512): batching and padding behave very differently on uniform short texts.
-Every text is one side of a preference pair, as an item the service accepts (``{"text"}`` for transcripts,
+``--data`` takes a hub data set id (loaded through ``datasets``; network needed the first time, cached after), a
+local file (``.jsonl`` with ``chosen``/``rejected``, as :mod:`training.data` reads it), or ``demo`` (the project's
+demo pairs, offline). The default is the public hh-rlhf harmless pairs (``Anthropic/hh-rlhf``, ``--data-dir
+harmless-base``, ``--split test``): real human judgements, and for a throughput benchmark a realistic length
+spread (median about 130 MiniLM tokens, a long tail past 512), where batching and padding behave very differently
+from uniform short texts.
+
+Every pooled text is one side of a preference pair, as an item the service accepts (``{"text"}`` for transcripts,
 ``{"prompt", "response"}`` for the demo pairs), chosen with a fixed seed so two runs score the same texts.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl"
+HUB_DATA = "Anthropic/hh-rlhf"
+HUB_DATA_DIR = "harmless-base"
+HUB_SPLIT = "test"
+DEMO = "demo"
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, default: str | None = HUB_DATA) -> None:
+    parser.add_argument(
+        "--data",
+        default=default,
+        help=f"preference pairs: a hub data set id (through `datasets`, network needed), a local .jsonl file, or "
+        f"`{DEMO}` (the project's demo pairs); default {default}",
+    )
+    parser.add_argument(
+        "--data-dir", default=HUB_DATA_DIR, help=f"the hub data set's data_dir (default {HUB_DATA_DIR})"
+    )
+    parser.add_argument("--split", default=HUB_SPLIT, help=f"the hub data set's split (default {HUB_SPLIT})")
+
+
+def load_rows(data: str | Path, *, data_dir: str | None = HUB_DATA_DIR, split: str = HUB_SPLIT) -> tuple[list, str]:
+    """The preference rows ``--data`` names, and a line saying where they came from."""
+    from training.data import load_preference_rows
+
+    if str(data) == DEMO or Path(data).exists():
+        return load_preference_rows(str(data)), "the project's demo pairs" if str(data) == DEMO else str(data)
+    rows = load_preference_rows(str(data), split=split, data_dir=data_dir)
+    return rows, f"{data} ({data_dir}, {split})"
 
 
 @dataclass
@@ -55,30 +86,21 @@ def _pair_items(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-def load_pool(n: int, *, data: Path | None = DEFAULT_DATA, seed: int = 0) -> TextPool:
-    """``n`` items (fewer if the data has fewer), shuffled with ``seed``."""
-    if data is not None and Path(data).is_file():
-        rows = [json.loads(line) for line in Path(data).read_text(encoding="utf-8").splitlines() if line.strip()]
-        items = _pair_items(rows)
-        source = f"hh-rlhf harmless transcripts ({data})"
-    else:
-        from training.demo_data import generate_pairs
-
-        items = _pair_items(generate_pairs(600, seed=0))
-        source = "demo pairs (training.demo_data; ../shared/data/hh-rlhf-harmless is absent)"
+def load_pool(n: int, rows: list[dict[str, Any]], source: str, *, seed: int = 0) -> TextPool:
+    """``n`` items (fewer if the rows have fewer), both sides of every pair, shuffled with ``seed``."""
+    items = _pair_items(rows)
     random.Random(seed).shuffle(items)
     return TextPool(items[: max(1, n)], source)
 
 
-def held_out_pairs(n: int, *, data: Path | None = DEFAULT_DATA, seed: int = 0) -> tuple[list[dict[str, Any]], str]:
-    """Preference rows for the dtype accuracy check: the same held-out split as ``bench.quality`` (seed 0)."""
-    if data is not None and Path(data).is_file():
-        rows = [line for line in Path(data).read_text(encoding="utf-8").splitlines() if line.strip()]
-        random.Random(seed).shuffle(rows)  # bench.quality.split_file: the first eval_pairs rows are held out
-        return [
-            json.loads(r) for r in rows[:n]
-        ], f"first {n} of {data} shuffled with seed {seed} (bench.quality's held-out split)"
-    from training.demo_data import generate_split
+def held_out_pairs(n: int, data: str | Path, rows: list[dict[str, Any]], *, seed: int = 0) -> tuple[list, str]:
+    """Preference rows for the dtype accuracy check: the same held-out split as ``bench.quality`` (seed 0), or the
+    demo pairs' held-out topics."""
+    if str(data) == DEMO:
+        from training.demo_data import generate_split
 
-    _, held_out = generate_split(600, seed=0)
-    return held_out[:n], "demo held-out topics (training.demo_data.generate_split)"
+        _, held_out = generate_split(600, seed=0)
+        return held_out[:n], "demo held-out topics (training.demo_data.generate_split)"
+    shuffled = list(rows)
+    random.Random(seed).shuffle(shuffled)  # bench.quality: the first eval_pairs rows are held out
+    return shuffled[:n], f"first {n} of {data} shuffled with seed {seed} (bench.quality's held-out split)"

@@ -4,29 +4,30 @@ random model, so the harness cannot rot. It checks the report's shape, not any s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.fixtures.commands import REPO, repo_env
+from tests.fixtures.models import HH_RLHF_FILE
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+# The real hh-rlhf texts when this machine has them (their length spread is what batching meets), else the demo pairs.
+SMOKE_DATA = ["--data", str(HH_RLHF_FILE)] if HH_RLHF_FILE.is_file() else []
 SCENARIOS = ("ceiling", "service_64x1", "service_4x64", "service_open", "naive_64x1", "naive_4x64", "naive_open")
 
 
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench-smoke")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--output", str(out)],
+        [sys.executable, "-m", "bench", "--smoke", "--output", str(out), *SMOKE_DATA],
         cwd=REPO,
-        env=env,
+        env=repo_env(),
         capture_output=True,
         text=True,
         timeout=240,
@@ -35,6 +36,7 @@ def smoke_report(tmp_path_factory) -> tuple[dict, Path]:
     return json.loads((out / "bench.json").read_text()), out
 
 
+@pytest.mark.slow  # python -m bench --smoke: every scenario, servers as subprocesses
 def test_every_scenario_has_positive_throughput_and_no_errors(smoke_report):
     report, _ = smoke_report
     scenarios = report["runs"]["float32"]["scenarios"]
@@ -51,6 +53,7 @@ def test_every_scenario_has_positive_throughput_and_no_errors(smoke_report):
             assert result["forward_busy"] is not None and result["forward_padded_tokens_per_s"] > 0, name
 
 
+@pytest.mark.slow  # python -m bench --smoke: every scenario, servers as subprocesses
 def test_ratios_batching_and_outputs(smoke_report):
     report, out = smoke_report
     run = report["runs"]["float32"]
@@ -134,8 +137,8 @@ def test_vllm_requests_carry_the_service_texts_with_its_truncation():
 
 
 def test_each_interleaved_service_run_is_compared_with_the_vllm_run_beside_it():
+    from bench.compare import ratios
     from bench.report import peer_table
-    from bench.run import ratios
 
     scenarios = {
         name: {"texts_per_s": tput, "description": name}
@@ -156,3 +159,33 @@ def test_vllm_scenarios_need_the_peer_venv(tmp_path, capsys):
         parse_args(["--scenarios", "service_64x1,vllm_64x1", "--peer-python", str(tmp_path / "missing" / "python")])
     assert "make bench-peers" in capsys.readouterr().err
     assert "vllm_64x1" not in parse_args([]).scenario_list  # never part of the default run
+
+
+def test_data_is_a_local_file_or_a_hub_data_set_part(tiny_pairs_file, monkeypatch):
+    """``--data``: a local jsonl is read as it is; anything else is a hub id loaded through ``datasets`` with the
+    data_dir and split given (hh-rlhf's harmless-base test split by default)."""
+    import datasets
+
+    from bench.run import parse_args
+    from bench.texts import held_out_pairs, load_pool, load_rows
+
+    rows, source = load_rows(tiny_pairs_file)
+    assert len(rows) == 24 and source == str(tiny_pairs_file)
+    pool = load_pool(10, rows, source)
+    assert len(pool.items) == 10 and all({"prompt", "response"} <= set(item) for item in pool.items)
+    held_out, _ = held_out_pairs(5, tiny_pairs_file, rows)
+    assert len(held_out) == 5 and all(row in rows for row in held_out)
+
+    asked = []
+
+    def load_dataset(path, name=None, data_dir=None, split=None):
+        asked.append((path, name, data_dir, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    args = parse_args([])
+    assert (args.data, args.data_dir, args.split) == ("Anthropic/hh-rlhf", "harmless-base", "test")
+    hub_rows, source = load_rows(args.data, data_dir=args.data_dir, split=args.split)
+    assert asked == [("Anthropic/hh-rlhf", None, "harmless-base", "test")] and hub_rows == rows
+    assert source == "Anthropic/hh-rlhf (harmless-base, test)"
+    assert parse_args(["--smoke"]).data == "demo"  # the smoke run stays offline unless given --data

@@ -15,11 +15,8 @@
 
 from __future__ import annotations
 
-import ast
 import copy
 import functools
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -39,6 +36,7 @@ import pytest
 import tomllib
 import yaml
 from dockerfile_parse import DockerfileParser
+from dockerfile_parse.parser import image_from
 from dockerfile_parse.util import WordSplitter, extract_key_values
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
@@ -60,12 +58,6 @@ TRAIN_IMAGE = "reward-service-train"
 SERVE_STAGE = "serve"
 TRAIN_STAGE = "train"
 BAKED_STAGE = "serve-baked"
-# The service's settings (the issue's interface); replaced by the real settings class's fields where it is found.
-FALLBACK_SETTINGS = {
-    "REWARD_MODEL", "REWARD_HOST", "REWARD_PORT", "REWARD_DTYPE", "REWARD_DEVICE", "REWARD_MAX_BATCH_TOKENS",
-    "REWARD_MAX_BATCH_SIZE", "REWARD_MAX_WAIT_MS", "REWARD_API_KEY", "REWARD_DRAIN_TIMEOUT_S",
-    "REWARD_MAX_QUEUE_TOKENS", "REWARD_REQUEST_TIMEOUT_S", "REWARD_LOG_LEVEL",
-}  # fmt: skip
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 MIN_STARTUP_BUDGET_S = 300  # model load, first-touch of the weights on a network volume, warm-up
 READY_DEADLINE_S = 180  # importing torch + transformers on a busy 2-core CI machine, then the tiny model
@@ -73,8 +65,10 @@ VALIDATE_VERSIONS = ["1.30.0", "latest"]  # the oldest Kubernetes the manifests 
 
 
 # ==============================================================================================================
-# The Dockerfile: dockerfile-parse reads the instructions; what a target's image runs with is resolved along its
-# stage chain as BuildKit does (ENV and ARG inherited from the parent stage, global ARGs only where re-declared).
+# The Dockerfile: dockerfile-parse reads the instructions, the stages' names and base images (global ARGs expanded),
+# and expands variables; what a target's image runs with is resolved here along its stage chain, as BuildKit does:
+# a stage built FROM another inherits its ENV and ARG values, and global ARGs count only where re-declared.
+# (dockerfile-parse's own per-line context starts every stage afresh, as for an external base image.)
 
 
 @dataclass
@@ -121,16 +115,16 @@ def exec_form(value: str) -> list[str]:
 
 class Dockerfile:
     def __init__(self, path: str | Path):
+        parser = DockerfileParser(path=str(path))
         self.global_args: dict[str, str] = {}
         self.stages: list[Stage] = []
-        for ins in DockerfileParser(path=str(path)).structure:
-            keyword, value = ins["instruction"].upper(), ins["value"]
+        bases = iter(parser.parent_images)  # each FROM's image or stage, global ARGs expanded
+        for ins in parser.structure:
+            keyword, value = ins["instruction"], ins["value"]
             if keyword == "COMMENT":
                 continue
             if keyword == "FROM":
-                words = [w for w in value.split() if not w.startswith("--platform")]
-                name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-                self.stages.append(Stage(len(self.stages), name, expand(words[0], self.global_args)))
+                self.stages.append(Stage(len(self.stages), image_from(value)[1], next(bases)))
             elif self.stages:
                 self.stages[-1].instructions.append(Instruction(keyword, value))
             elif keyword == "ARG":
@@ -383,76 +377,25 @@ def check_serve_image_is_lean(df: Dockerfile) -> None:
 
 
 # What an image's entry point imports, against what the image installs
+PROJECT_PACKAGES = ("service", "training")
 
 
-def project_module_file(root: Path, module: str) -> Path | None:
-    base = root.joinpath(*module.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
+def entry_point_imports(entry: str) -> dict[str, set[str]]:
+    """Top-level third-party modules that ``entry`` (a project module) imports, itself or through the project
+    modules it imports in turn (import-linter's graph, grimp; imports under ``if TYPE_CHECKING:`` left out); each
+    with the project modules that import it. An optional import (``try: import x except ImportError``) counts too:
+    the image is to have it."""
+    import grimp
 
-
-def _guarded(node: Any, parents: dict[Any, Any]) -> bool:
-    """Whether an import sits in ``try: ... except ImportError`` or under ``if TYPE_CHECKING:``."""
-    child, parent = node, parents.get(node)
-    while parent is not None:
-        if isinstance(parent, ast.Try) and child in parent.body:
-            for handler in parent.handlers:
-                names = [handler.type] if not isinstance(handler.type, ast.Tuple) else list(handler.type.elts)
-                if any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError") for n in names):
-                    return True
-        if isinstance(parent, ast.If) and child in parent.body and "TYPE_CHECKING" in ast.unparse(parent.test):
-            return True
-        child, parent = parent, parents.get(parent)
-    return False
-
-
-def reachable_imports(root: Path, entry: str) -> dict[str, set[str]]:
-    """Top-level third-party modules that ``entry`` (a project module) and the project modules it imports, in turn,
-    import; each with the project modules that import it. Guarded imports (optional ones) are left out."""
-    third_party: dict[str, set[str]] = {}
-    seen: set[str] = set()
-    todo = [entry]
-    while todo:
-        module = todo.pop()
-        if module in seen:
-            continue
-        seen.add(module)
-        parts = module.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b runs a/__init__.py
-        path = project_module_file(root, module)
-        if path is None:
-            continue
-        tree = ast.parse(path.read_text(), filename=str(path))
-        parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
-        package = parts if path.name == "__init__.py" else parts[:-1]
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
-                else:
-                    base = node.module or ""
-                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
-            else:
-                continue
-            if _guarded(node, parents):
-                continue
-            for target in targets:
-                top = target.split(".")[0]
-                if project_module_file(root, top) is not None:
-                    if project_module_file(root, target) is not None:
-                        todo.append(target)
-                elif (
-                    top
-                    and top not in sys.stdlib_module_names
-                    and top != "__future__"
-                    and (target == targets[0] or isinstance(node, ast.Import))
-                ):
-                    third_party.setdefault(top, set()).add(module)
-    return third_party
+    graph = grimp.build_graph(*PROJECT_PACKAGES, include_external_packages=True, exclude_type_checking_imports=True)
+    reached = graph.find_upstream_modules(entry) | {entry}
+    return {
+        module: graph.find_modules_that_directly_import(module) & reached
+        for module in reached
+        if module.split(".")[0] not in PROJECT_PACKAGES
+        and module not in sys.stdlib_module_names
+        and module != "__future__"
+    }
 
 
 def requirement_closure(requirements: Iterable[str]) -> set[str]:
@@ -490,15 +433,13 @@ def test_image_installs_what_the_entry_point_imports(script, builder):
     requirements (core + its extras, as pinned), e.g. no client-only httpx import on the server's path."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     entry = project["scripts"][script].split(":")[0]
-    if project_module_file(ROOT, entry) is None:
-        pytest.skip(f"{entry} (the module of {script}) does not exist yet")
     extras = next(e for b, e, _ in BUILDERS if b == builder)
     requirements = project["dependencies"] + [r for extra in extras for r in project["optional-dependencies"][extra]]
     installed = requirement_closure(requirements)
     providers = module_distributions()
     missing = {
         module: sorted(importers)
-        for module, importers in reachable_imports(ROOT, entry).items()
+        for module, importers in entry_point_imports(entry).items()
         if not providers.get(module, set()) & installed
     }
     assert not missing, f"{script}'s image ({builder}) would lack the modules {missing} (module: imported by)"
@@ -631,6 +572,7 @@ def serve_installed() -> None:
     resolve_or_skip(list(config.entrypoint or []), {"PATH": path})
 
 
+@pytest.mark.slow  # the image's entry point run as a subprocess
 def test_image_entrypoint_serves_and_drains(serve_installed, tiny_checkpoint, tmp_path):
     argv, env, _ = image_environment(tmp_path)
     env["REWARD_MODEL"] = str(tiny_checkpoint)
@@ -677,6 +619,7 @@ def pod_environment(objs: list[dict], image_env: dict[str, str], secrets: dict[t
     return env
 
 
+@pytest.mark.slow  # the image's entry point run as a subprocess
 def test_pod_environment_probes_open_scoring_guarded(serve_installed, tiny_checkpoint, tmp_path):
     """The server as the Deployment runs it: ConfigMap settings and the Secret's API key on top of the image ENV."""
     objs = rendered("default")
@@ -872,26 +815,12 @@ def secret_ref(objs) -> tuple[str, str]:
     return ref["name"], ref["key"]
 
 
-@functools.cache
 def known_settings() -> frozenset[str]:
-    """REWARD_* names the service reads: its pydantic-settings class's fields, if it can be found, else the issue's."""
-    try:
-        from pydantic_settings import BaseSettings
-    except ImportError:
-        return frozenset(FALLBACK_SETTINGS)
-    for module_name in ("service.settings", "service.config", "service.cli"):
-        if importlib.util.find_spec("service") is None or importlib.util.find_spec(module_name) is None:
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except Exception:
-            continue
-        for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, BaseSettings) and value is not BaseSettings:
-                prefix = str(value.model_config.get("env_prefix", ""))
-                if prefix.upper() == "REWARD_":
-                    return frozenset(prefix.upper() + name.upper() for name in value.model_fields)
-    return frozenset(FALLBACK_SETTINGS)
+    """The REWARD_* variables the service reads: its settings class's fields under its environment prefix."""
+    from service.settings import ServeSettings
+
+    prefix = ServeSettings.model_config["env_prefix"]
+    return frozenset(f"{prefix}{name}".upper() for name in ServeSettings.model_fields)
 
 
 def check_server_probes(objs):

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_module, write_jsonl
 
+from tests.fixtures.commands import run_module, write_jsonl
 from training import evaluate
 from training.checkpoint import forward_scores, load_checkpoint
 from training.demo_data import generate_pairs
@@ -198,6 +198,7 @@ def test_reward_eval_bad_input_exits_2_with_one_line(bad_inputs, case, capsys):
     assert len(err.splitlines()) == 1
 
 
+@pytest.mark.slow  # reward-eval as a subprocess, twice
 def test_reward_eval_subprocess_success_and_failure(tmp_path, tiny_bert_dir, tiny_pairs_file):
     """The real entry point: exit 0 with numbers on stdout, exit 2 with no traceback on a bad dataset."""
     report = tmp_path / "r.json"

@@ -3,26 +3,21 @@ exists."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
-import service_fixtures
 import yaml
-from service_fixtures import ServerProcess, metric_value
 
 from service import verl
+from tests.fixtures.commands import REPO, repo_env
+from tests.fixtures.servers import ServerProcess, metric_value
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a GRPO run against a reward-serve subprocess
+
 EXAMPLES = REPO / "examples"
-
-# The shared fixtures this module uses (pytest finds fixtures by name among the module's attributes).
-live_server = service_fixtures.live_server
-service_checkpoint = service_fixtures.service_checkpoint
-tiny_reward_checkpoint = service_fixtures.tiny_reward_checkpoint
 
 
 def score_requests(server: ServerProcess) -> float:
@@ -35,7 +30,7 @@ def test_trl_grpo_example_trains_a_tiny_policy_against_the_service(live_server: 
     """Two GRPO steps of a tiny random policy built in-process (no downloads); every reward comes from the
     server (at least one /score request per step)."""
     before = score_requests(live_server)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = repo_env(OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
         str(EXAMPLES / "trl_grpo.py"),

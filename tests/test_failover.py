@@ -21,11 +21,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import ServerProcess, ThreadedServer, make_settings, metric_value
 
 from bench.failover import Attempt, RecordingTransport
 from bench.tiny import word_list
 from service.client import AsyncRewardClient, RetryPolicy, RewardClient
+from tests.fixtures.servers import ServerProcess, ThreadedServer, make_settings, metric_value
+
+pytestmark = pytest.mark.slow  # replicas as subprocesses, killed and drained under load
 
 THREADS = 6
 CALLS = 12  # per thread

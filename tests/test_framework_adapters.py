@@ -13,20 +13,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import service_fixtures
-from service_fixtures import ServerProcess, metric_value
 
 from service import verl
 from service.client import RewardFunction
+from tests.fixtures.servers import ServerProcess, metric_value
+
+pytestmark = pytest.mark.slow  # the frameworks' calling conventions against a reward-serve subprocess
 
 PROMPTS = ["what is two plus two? ", "say hello to the user. ", "what is two plus two? "]
 COMPLETIONS = ["four", "hello there, how are you", "five i think"]
 BATCH_NEIGHBOURS = 1e-4  # documented tolerance for the same item scored beside different neighbours
-
-# The shared fixtures this module uses (pytest finds fixtures by name among the module's attributes).
-live_server = service_fixtures.live_server
-service_checkpoint = service_fixtures.service_checkpoint
-tiny_reward_checkpoint = service_fixtures.tiny_reward_checkpoint
 
 
 def direct_scores(server: ServerProcess, items: list[dict]) -> list[float]:

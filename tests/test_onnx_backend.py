@@ -181,7 +181,7 @@ def test_read_only_checkpoint_exports_to_the_cache_folder(tiny_bert_dir, tmp_pat
 def test_unpadded_backend_serves_first_come_first_served(backend, window, expected_window, tiny_bert_dir, tmp_path):
     """ONNX Runtime computes each text alone, so grouping by length saves nothing: by default a text then waits only
     for those that came before it. Padded torch batches keep grouping by length."""
-    from service_fixtures import app_client, make_settings
+    from tests.fixtures.servers import app_client, make_settings
 
     path = _copy(tiny_bert_dir, tmp_path)
     settings = make_settings(path, backend=backend, batch_window_items=window)
@@ -227,9 +227,9 @@ def test_the_tiny_bert_is_served_with_its_fast_graph_or_says_so(renamed, tiny_be
     internal the graph is written against is missing, as after a transformers rename), the log warns and /info and
     the ``reward_fast_graph_missing`` metric say so, naming the internal."""
     from prometheus_client.parser import text_string_to_metric_families
-    from service_fixtures import app_client, make_settings
 
     from service.graphs import bert
+    from tests.fixtures.servers import app_client, make_settings
 
     if renamed:
         monkeypatch.setattr(bert, "LAYER_INTERNALS", (*bert.LAYER_INTERNALS, "attention.self.renamed"))

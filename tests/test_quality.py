@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_module, write_jsonl
 
 from bench.quality import fold_split
+from tests.fixtures.commands import run_module, write_jsonl
+
+pytestmark = pytest.mark.slow  # training runs of both recipes
 
 pytest.importorskip("trl")
 

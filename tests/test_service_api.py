@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
-from service_fixtures import NORMALIZATION, app_client, make_settings
 
 from service.backend import plan_threads
+from tests.fixtures.models import NORMALIZATION
+from tests.fixtures.servers import app_client, make_settings
 
 PROMPT = "what is two plus two? "
 GOOD = "four, thanks for the question"

@@ -19,7 +19,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from service_fixtures import app_client, build_tiny_bert, make_settings
+
+from tests.fixtures.models import build_tiny_bert
+from tests.fixtures.servers import app_client, make_settings
+
+pytestmark = pytest.mark.slow  # property-based: hundreds of generated requests per test
 
 MAX_BODY_BYTES = 16_384
 MAX_TEXT_CHARS = 300

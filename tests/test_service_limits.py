@@ -7,7 +7,8 @@ import time
 
 import httpx
 import pytest
-from service_fixtures import ControlledBackend, ThreadedServer, app_client, make_settings, metric_value
+
+from tests.fixtures.servers import ControlledBackend, ThreadedServer, app_client, make_settings, metric_value
 
 ITEM = {"text": "hello world"}  # [CLS] hello world [SEP]: 4 tokens
 

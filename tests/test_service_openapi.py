@@ -20,7 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from service_fixtures import make_settings
+
+from tests.fixtures.servers import make_settings
+
+pytestmark = pytest.mark.slow  # schemathesis: requests generated from the OpenAPI schema
 
 KEY = "openapi-k3y"
 EXAMPLES = 100

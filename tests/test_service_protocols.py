@@ -14,7 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import ThreadedServer, make_settings
+
+from tests.fixtures.servers import ThreadedServer, make_settings
 
 KEY = "protocols-k3y"
 PROMPT = "what is two plus two? "

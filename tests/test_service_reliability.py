@@ -16,7 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import REPO, ThreadedServer, app_client, make_settings, metric_value
+
+from tests.fixtures.commands import REPO
+from tests.fixtures.servers import ThreadedServer, app_client, make_settings, metric_value
 
 ITEM = {"text": "hello world"}  # [CLS] hello world [SEP]: 4 tokens
 SECRET = "qwxzyplughsecret"  # must never reach a log line

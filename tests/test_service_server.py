@@ -7,17 +7,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import ServerProcess, metric_value
+
+from tests.fixtures.servers import ServerProcess, metric_value
+
+pytestmark = pytest.mark.slow  # a reward-train run, then reward-serve as a subprocess
 
 PROMPT = "what is two plus two? "
 ANSWERS = ["four", "five i think", "it is four, thanks for asking", "a dog"]
 
 
 @pytest.fixture(scope="module")
-def direct(service_checkpoint: Path):
+def direct(trained_bert_checkpoint: Path):
     from training.checkpoint import load_checkpoint
 
-    return load_checkpoint(service_checkpoint, device="cpu")
+    return load_checkpoint(trained_bert_checkpoint, device="cpu")
 
 
 def post(server: ServerProcess, route: str, body: dict) -> dict:
@@ -26,9 +29,9 @@ def post(server: ServerProcess, route: str, body: dict) -> dict:
     return response.json()
 
 
-def test_startup_logs_say_what_was_loaded_and_how(live_server: ServerProcess, service_checkpoint: Path):
+def test_startup_logs_say_what_was_loaded_and_how(live_server: ServerProcess, trained_bert_checkpoint: Path):
     log = live_server.log
-    assert "loaded reward model" in log and str(service_checkpoint.resolve()) in log
+    assert "loaded reward model" in log and str(trained_bert_checkpoint.resolve()) in log
     assert "device cpu, dtype float32" in log
     assert "max_batch_tokens 1024, max_batch_size 32, max_wait 20.0 ms" in log  # the float32-on-CPU default
     info = httpx.get(live_server.url + "/info").json()

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import ServerProcess, build_tiny_bert, metric_value
+
+from tests.fixtures.models import build_tiny_bert
+from tests.fixtures.servers import ServerProcess, metric_value
+
+pytestmark = pytest.mark.slow  # reward-serve subprocesses stopped by signals
 
 REQUESTS = 48
 ITEMS_PER_REQUEST = 16

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 
-from service_fixtures import REPO
+from tests.fixtures.commands import REPO
 
 SCRIPT = textwrap.dedent(
     """

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import run_module
-from service_fixtures import ControlledBackend, ThreadedServer, make_settings
+import pytest
+
+from tests.fixtures.commands import run_module
+from tests.fixtures.servers import ControlledBackend, ThreadedServer, make_settings
+
+pytestmark = pytest.mark.slow  # the soak benchmark, run for a while
 
 
 def test_a_short_soak_reports_windows_memory_and_no_errors(tiny_reward_checkpoint: Path, tmp_path: Path):

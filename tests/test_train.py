@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import reward_train_argv, run_module, write_jsonl
 
+from tests.fixtures.commands import reward_train_argv, run_module, write_jsonl
 from training import demo_data
 from training.checkpoint import MANIFEST_NAME, forward_scores, load_checkpoint, read_manifest
 from training.data import fingerprint
@@ -84,6 +84,7 @@ def llama_run(tmp_path_factory, tiny_llama_dir):
 
 
 # -- the checkpoint -------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_checkpoint_files_and_config(bert_run, tiny_bert_dir):
     out = bert_run.output_dir
     for name in (
@@ -101,6 +102,7 @@ def test_checkpoint_files_and_config(bert_run, tiny_bert_dir):
     assert not list(out.glob("*.bin")) and not list(out.glob("checkpoint-*"))  # safetensors only, no step folders
 
 
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_manifest_is_complete(bert_run, tiny_bert_dir):
     manifest = read_manifest(bert_run.output_dir)
     assert manifest == json.loads(json.dumps(bert_run.manifest | {"format_version": 1}))
@@ -123,6 +125,7 @@ def test_manifest_is_complete(bert_run, tiny_bert_dir):
     assert len(training["data_fingerprint"]) == 64
 
 
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_model_card(bert_run):
     card = (bert_run.output_dir / "README.md").read_text()
     assert card.startswith("---\n") and "reward-model" in card
@@ -130,6 +133,7 @@ def test_model_card(bert_run):
     assert "reward-serve" in card
 
 
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_no_pair_is_dropped_and_truncation_is_counted(bert_run, tiny_bert_dir):
     from transformers import AutoTokenizer
 
@@ -150,6 +154,7 @@ def test_no_pair_is_dropped_and_truncation_is_counted(bert_run, tiny_bert_dir):
     assert all(len(ids) <= MAX_LENGTH for ids in bert_run.trainer.train_dataset["rejected_ids"])
 
 
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_reloaded_checkpoint_reproduces_the_trainers_rewards(bert_run):
     checkpoint = load_checkpoint(bert_run.output_dir)
     n = 6
@@ -163,6 +168,7 @@ def test_reloaded_checkpoint_reproduces_the_trainers_rewards(bert_run):
     assert reloaded[n:] == pytest.approx(rejected, abs=1e-5)
 
 
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_manifest_metrics_match_a_fresh_evaluation(bert_run):
     checkpoint = load_checkpoint(bert_run.output_dir)
     on_eval = evaluate_pairs(checkpoint, bert_run.eval_rows)
@@ -173,6 +179,7 @@ def test_manifest_metrics_match_a_fresh_evaluation(bert_run):
     assert on_train["normalization"]["std"] == pytest.approx(bert_run.manifest["normalization"]["std"], abs=1e-5)
 
 
+@pytest.mark.slow  # a reward-train run as a subprocess
 def test_cli_checkpoint_fixture(trained_bert_checkpoint):
     """The subprocess ``reward-train`` run the service tests reuse: loadable, with a manifest and the recipe."""
     checkpoint = load_checkpoint(trained_bert_checkpoint)
@@ -184,6 +191,7 @@ def test_cli_checkpoint_fixture(trained_bert_checkpoint):
 
 
 # -- the decoder path -----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_decoder_trains_and_writes_pad_token_id(llama_run, tiny_llama_dir):
     from transformers import AutoTokenizer
 
@@ -199,6 +207,7 @@ def test_decoder_trains_and_writes_pad_token_id(llama_run, tiny_llama_dir):
     assert llama_run.manifest["eval"]["n"] == 4 and len(llama_run.trainer.train_dataset) == 12
 
 
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_decoder_rewards_reproduce_with_the_chat_template(llama_run, tiny_llama_dir):
     checkpoint = load_checkpoint(llama_run.output_dir)
     tokenizer = checkpoint.formatter.tokenizer
@@ -212,6 +221,7 @@ def test_decoder_rewards_reproduce_with_the_chat_template(llama_run, tiny_llama_
     assert reloaded == pytest.approx(chosen + rejected, abs=1e-5)
 
 
+@pytest.mark.slow  # a reward-train run (two steps, in-process)
 def test_decoder_checkpoint_gives_a_pre_templated_text_no_second_bos(llama_run):
     """The rule is in the manifest training wrote, so the loaded (served) formatter applies it too."""
     assert llama_run.manifest["formatting"]["skip_duplicate_specials"] is True
@@ -261,6 +271,7 @@ def test_bad_input_exits_2_with_one_clear_line(bad_cases, case, tmp_path, capsys
     assert not (tmp_path / "out" / MANIFEST_NAME).exists()
 
 
+@pytest.mark.slow  # reward-train as a subprocess, once per bad input
 def test_bad_input_subprocess_has_no_traceback(bad_cases, tmp_path):
     model, data, needle = bad_cases["missing_column"]
     result = run_module("training.train", *reward_train_argv(model, data, tmp_path / "out"))

@@ -12,11 +12,13 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import run_module, write_jsonl
-from service_fixtures import ServerProcess
 
+from tests.fixtures.commands import run_module, write_jsonl
+from tests.fixtures.servers import ServerProcess
 from training.checkpoint import load_checkpoint, read_manifest, score_all
 from training.data import fingerprint, load_preference_rows, split_rows
+
+pytestmark = pytest.mark.slow  # torchrun training runs
 
 PAIRS = 64
 EVAL_RATIO = 0.25

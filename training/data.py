@@ -22,8 +22,11 @@ class DataError(ValueError):
     """Preference data that cannot be used: unreadable, empty, or missing a column."""
 
 
-def load_preference_rows(name: str, *, split: str = "train", config: str | None = None) -> list[dict[str, Any]]:
-    """Read preference rows from ``demo``, a local file or folder, or a hub data set id."""
+def load_preference_rows(
+    name: str, *, split: str = "train", config: str | None = None, data_dir: str | None = None
+) -> list[dict[str, Any]]:
+    """Read preference rows from ``demo``, a local file or folder, or a hub data set id (``config`` and
+    ``data_dir`` select a part of it, as in ``datasets.load_dataset``)."""
     if name == DEMO:
         from training.demo_data import generate_pairs
 
@@ -35,8 +38,8 @@ def load_preference_rows(name: str, *, split: str = "train", config: str | None 
     elif path.suffix.lower() in LOCAL_FORMATS or name.startswith((".", "/", "~")):
         raise DataError(f"{name}: no such file or folder")
     else:
-        rows = _load_hub(name, split=split, config=config)
-        source = f"{name} [{split}]"
+        rows = _load_hub(name, split=split, config=config, data_dir=data_dir)
+        source = f"{name} [{data_dir + ', ' if data_dir else ''}{split}]"
     if not rows:
         raise DataError(f"{source}: the data set is empty")
     missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
@@ -93,11 +96,11 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _load_hub(name: str, *, split: str, config: str | None) -> list[dict[str, Any]]:
+def _load_hub(name: str, *, split: str, config: str | None, data_dir: str | None) -> list[dict[str, Any]]:
     from datasets import load_dataset
 
     try:
-        return load_dataset(name, name=config, split=split).to_list()
+        return load_dataset(name, name=config, data_dir=data_dir, split=split).to_list()
     except Exception as exc:
         raise DataError(f"{name}: cannot load it from the hub ({exc.__class__.__name__}: {exc})") from exc
 

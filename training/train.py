@@ -43,6 +43,9 @@ class ScriptArguments:
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub data set configuration name."})
+    dataset_data_dir: str | None = field(
+        default=None, metadata={"help": "Hub data set folder (e.g. harmless-base for Anthropic/hh-rlhf)."}
+    )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on (hub data sets)."})
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "Held-out preference data (same forms as --dataset_name)."}
@@ -178,14 +181,11 @@ def train(script_args: ScriptArguments, training_args, model_args) -> TrainResul
     base_model = model_args.model_name_or_path or default_base_model()
     tokenizer = load_tokenizer(base_model)
 
-    rows = load_preference_rows(
-        script_args.dataset_name, split=script_args.dataset_train_split, config=script_args.dataset_config
-    )
+    part = {"config": script_args.dataset_config, "data_dir": script_args.dataset_data_dir}
+    rows = load_preference_rows(script_args.dataset_name, split=script_args.dataset_train_split, **part)
     if script_args.eval_dataset_name:
         train_rows = rows
-        eval_rows = load_preference_rows(
-            script_args.eval_dataset_name, split=script_args.dataset_test_split, config=script_args.dataset_config
-        )
+        eval_rows = load_preference_rows(script_args.eval_dataset_name, split=script_args.dataset_test_split, **part)
         eval_source = script_args.eval_dataset_name
     elif script_args.eval_split_ratio > 0 and script_args.dataset_name == DEMO:
         from training.demo_data import generate_split
