@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fixtures.servers import ThreadedServer, make_settings
+from tests.fixtures.servers import ThreadedServer, app_client, make_settings
 
 KEY = "protocols-k3y"
 PROMPT = "what is two plus two? "
@@ -28,19 +28,19 @@ def sigmoid(x: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_reward_checkpoint: Path) -> Iterator[ThreadedServer]:  # noqa: F811  (the imported fixture, requested by name)
+def server(tiny_reward_checkpoint: Path) -> Iterator[ThreadedServer]:
     with ThreadedServer(make_settings(tiny_reward_checkpoint, max_wait_ms=1, max_text_chars=2000)) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def keyed(tiny_reward_checkpoint: Path) -> Iterator[ThreadedServer]:  # noqa: F811  (the imported fixture, requested by name)
+def keyed(tiny_reward_checkpoint: Path) -> Iterator[ThreadedServer]:
     with ThreadedServer(make_settings(tiny_reward_checkpoint, max_wait_ms=1, api_key=KEY)) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def formatter(tiny_reward_checkpoint: Path):  # noqa: F811  (the imported fixture, requested by name)
+def formatter(tiny_reward_checkpoint: Path):
     from training.checkpoint import load_checkpoint
 
     return load_checkpoint(tiny_reward_checkpoint, device="cpu").formatter
@@ -114,7 +114,7 @@ def test_openrlhf_sharding_over_several_urls_sends_some_replicas_an_empty_query(
         assert logs["truncated"].tolist() == [0.0] * n  # exact: 0.0/1.0 flags, not scores
 
 
-def test_openrlhf_up_to_0_9_0_posts_a_whole_rollout_step_and_the_defaults_take_it(tiny_reward_checkpoint):  # noqa: F811
+def test_openrlhf_up_to_0_9_0_posts_a_whole_rollout_step_and_the_defaults_take_it(tiny_reward_checkpoint):
     """OpenRLHF 0.9.0, ``openrlhf/trainer/ppo_utils/experience_maker.py`` ``make_experience``: every sample of the
     step (rollout batch x samples per prompt) goes to ``RemoteRewardModel.get_rewards``, which posts one shard per
     URL through ``remote_rm_fn_ray`` -> ``request_api_wrapper`` (``openrlhf/utils/remote_rm_utils.py``):
@@ -220,7 +220,7 @@ def test_vllms_classify_example_client_lists_the_model_then_classifies(server, f
         assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == tokens
 
 
-def test_v1_models_answers_as_vllm_lists_a_model(server, tiny_reward_checkpoint):  # noqa: F811
+def test_v1_models_answers_as_vllm_lists_a_model(server, tiny_reward_checkpoint):
     """vLLM ``OpenAIServingModels.show_available_models``: one ``ModelCard`` per served model, ``id`` the served
     name, ``root`` the model path, ``max_model_len``, one ``ModelPermission``; ``ModelList(object="list")``."""
     info = httpx.get(server.url + "/info").json()
@@ -245,7 +245,7 @@ def test_the_openai_sdk_lists_the_served_model(keyed):
         openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
-def test_health_is_vllms_probe_empty_200_when_ready_503_while_loading(server, controlled, tiny_reward_checkpoint):  # noqa: F811
+def test_health_is_vllms_probe_empty_200_when_ready_503_while_loading(server, controlled, tiny_reward_checkpoint):
     """vLLM ``GET /health`` answers 200 with an empty body, 503 (empty) when its engine is dead; it serves nothing
     while loading. Here loading is 503 as well, and scoring routes tell the same with Retry-After."""
     ready = httpx.get(server.url + "/health", timeout=30)
@@ -286,13 +286,11 @@ def test_classify_activation_flags_as_vllm_reads_them(server):
     assert probs(activation=True, use_activation=False) == on
 
 
-def test_classify_answers_the_raw_score_for_a_regression_config_as_vllm(tiny_reward_checkpoint, tmp_path):  # noqa: F811
+def test_classify_answers_the_raw_score_for_a_regression_config_as_vllm(tiny_reward_checkpoint, tmp_path):
     """vLLM ``get_classification_activation_function``: a config with ``problem_type: regression`` gets the
     identity, whatever the request's flags."""
     import json
     import shutil
-
-    from service_fixtures import app_client
 
     checkpoint = shutil.copytree(tiny_reward_checkpoint, tmp_path / "regression")
     config = json.loads((checkpoint / "config.json").read_text())
