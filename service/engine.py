@@ -68,6 +68,8 @@ def _characters_within(items: Sequence[Mapping[str, Any]], limit: int) -> bool:
 
 
 class Scorer:
+    """The engine's way in (:meth:`run`): tokenize items, queue their token ids, wait for their scores."""
+
     def __init__(
         self,
         encoder: ItemEncoder,
@@ -81,7 +83,7 @@ class Scorer:
         self.request_timeout_s = request_timeout_s
         self.inline_chars = inline_chars
 
-    async def score(
+    async def run(
         self,
         items: Sequence[Mapping[str, Any]],
         *,

@@ -2,7 +2,7 @@
 
 A protocol's route validates its body (its own schema), turns it into :class:`Item` s and hands them to the
 :class:`ScoringService`: admission (:meth:`Lifecycle.admit`) -> :func:`check_limits` -> the engine's
-:meth:`~service.engine.Scorer.score`: tokenize (a small request on the event loop, a larger one in a worker thread)
+:meth:`~service.engine.Scorer.run`: tokenize (a small request on the event loop, a larger one in a worker thread)
 -> :meth:`Batcher.submit` -> wait for the future (bounded by the request timeout, abandoned if the client goes away)
 -> scores in item order.
 """
@@ -51,7 +51,9 @@ class Item:
 
 
 @dataclass(frozen=True)
-class Comparison:
+class PairScores:
+    """r(chosen) and r(rejected) of each preference pair, in order."""
+
     chosen: list[float]
     rejected: list[float]
 
@@ -137,7 +139,7 @@ class ScoringService:
                 scored = Scored([normalize(x, stats) for x in scored.scores], scored.truncated, scored.tokens)
             return scored
 
-    async def compare(self, request: Request, pairs: Sequence[Item], *, field: str = "pairs") -> Comparison:
+    async def compare(self, request: Request, pairs: Sequence[Item], *, field: str = "pairs") -> PairScores:
         """r(chosen) and r(rejected) for each preference row (``payload``: ``prompt``?, ``chosen``, ``rejected``)."""
         started = time.monotonic()
         with self.lifecycle.admit():
@@ -150,7 +152,7 @@ class ScoringService:
                     raise InvalidInput(list(pair.loc), str(exc)) from exc
                 locs += [[*pair.loc, "chosen"], [*pair.loc, "rejected"]]
             scored = await self._score(request, payloads, locs, started)
-            return Comparison(scored.scores[0::2], scored.scores[1::2])
+            return PairScores(scored.scores[0::2], scored.scores[1::2])
 
     def _check(self, field: str, count: int, items: Sequence[Item]) -> None:
         s = self.settings
@@ -160,7 +162,7 @@ class ScoringService:
     async def _score(
         self, request: Request, payloads: Sequence[Mapping[str, Any]], locs: Sequence[Loc], started: float
     ) -> Scored:
-        return await self.engine.scorer.score(
+        return await self.engine.scorer.run(
             payloads, locs=locs, started=started, wait_for_disconnect=_disconnect_of(request)
         )
 

@@ -413,7 +413,7 @@ def test_short_requests_are_tokenized_on_the_event_loop_and_long_ones_in_a_threa
 
     async def main() -> threading.Thread:
         for items in requests:
-            scored = await scorer.score(items, locs=[["body", "items", i] for i in range(len(items))])
+            scored = await scorer.run(items, locs=[["body", "items", i] for i in range(len(items))])
             assert scored.scores == [3.0] * len(items)  # exact: the fake forward's float(len(ids)), passed through
         return threading.current_thread()
 
