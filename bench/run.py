@@ -50,10 +50,10 @@ from bench.report import cpu_line
 from bench.scenarios import (
     CeilingClock,
     ServiceForwards,
-    _clean,
     accuracy_check,
     check_peer_scores,
     log,
+    measure_uncontended,
     run_ceiling,
     run_load,
     tokenize_pool,
@@ -333,7 +333,9 @@ def _run_dtype(args, checkpoint_dir, dtype, pool, logs, servers, early) -> dict[
                         if name not in wanted[which]:
                             continue
                         key = name if repeat == 0 else f"{name}#{repeat + 1}"
-                        scenarios[key] = _clean(args, lambda s=server, k=key: run_load(args, s, k, pool, rate), key)
+                        scenarios[key] = measure_uncontended(
+                            args, lambda s=server, k=key: run_load(args, s, k, pool, rate), key
+                        )
                         if clock is not None:
                             own = [s.pid for s in up.values() if s.pid]
                             scenarios[key]["ceiling_around"] = clock.tick(own)

@@ -240,7 +240,7 @@ def run_load(args: argparse.Namespace, server: Server, name: str, pool: TextPool
     return out
 
 
-def _clean(args: argparse.Namespace, measure, name: str) -> dict[str, Any]:
+def measure_uncontended(args: argparse.Namespace, measure, name: str) -> dict[str, Any]:
     """With --wait-quiet-s, measure again (up to --retries times) when others used the CPU meanwhile."""
     tries = 1 + (args.retries if args.wait_quiet_s > 0 else 0)
     attempts = 0
