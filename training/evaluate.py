@@ -1,6 +1,12 @@
-"""``reward-eval``: score a preference dataset with a reward checkpoint, through the formatting contract.
+"""``reward-eval``: score a preference dataset or a benchmark with a reward checkpoint or a running service.
 
     reward-eval --checkpoint DIR --dataset FILE [--output report.json] [--plot rewards.png]
+    reward-eval --checkpoint DIR --dataset allenai/reward-bench-2 --split test        # per subset, 95 % CIs
+    reward-eval --url http://127.0.0.1:8000 [--checkpoint DIR] --dataset rm-bench.json  # through the service
+
+Benchmark rows (RewardBench 2's best-of-N, RM-Bench's style matrix) are read and scored by
+:mod:`training.benchmarks`; with both ``--url`` and ``--checkpoint`` the report gains a parity column, the largest
+|service - in-process| over a group's items.
 
 Every pair is encoded with the checkpoint's own :class:`~training.formatting.Formatter` (the recipe from its
 manifest, so exactly what training and the service see) and scored with :func:`~training.checkpoint.score_all`.
@@ -26,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from training import benchmarks
 from training.checkpoint import CheckpointError, RewardCheckpoint, load_checkpoint, score_all
 from training.data import DataError, load_preference_rows
 from training.formatting import FormattingError
@@ -168,15 +175,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--checkpoint",
-        required=True,
-        help="reward checkpoint folder (from reward-train, or any safetensors sequence-classification folder)",
+        default=None,
+        help="reward checkpoint folder (from reward-train, or any safetensors sequence-classification folder); "
+        "with --url as well, scored both ways for the parity column",
     )
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="score through a running reward service (its POST /score) instead of, or besides, --checkpoint",
+    )
+    parser.add_argument("--api-key", default=None, help="the service's API key, for --url")
     parser.add_argument(
         "--dataset",
         required=True,
-        help="preference data: .jsonl/.json/.csv/.parquet with chosen, rejected and optional prompt columns",
+        help="a local .jsonl/.json/.csv/.parquet file or folder, or a hub data set id: preference pairs (chosen, "
+        "rejected, optional prompt), RewardBench 2 rows or RM-Bench rows",
     )
     parser.add_argument("--split", default=None, help="dataset split, for sources that have several")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", *benchmarks.FORMATS),
+        help="row format; auto: rewardbench2 for list-valued chosen with a subset column, rm-bench with a domain "
+        "column, else pairs",
+    )
+    parser.add_argument(
+        "--as-messages",
+        action="store_true",
+        help="benchmark rows: score each answer as a user/assistant conversation through the model's chat "
+        "template (default: prompt + answer concatenated, as training formats pairs)",
+    )
     parser.add_argument("--output", default=None, help="write the JSON report (metrics and per-pair scores) here")
     parser.add_argument("--plot", default=None, help="write a PNG of the reward and margin distributions here")
     parser.add_argument(
@@ -204,18 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_batch_tokens < 1:
         raise EvaluationError(f"--max-batch-tokens must be positive, got {args.max_batch_tokens}")
-    if not Path(args.checkpoint).is_dir():
+    if args.checkpoint is None and args.url is None:
+        raise EvaluationError("give --checkpoint, --url, or both")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
         raise CheckpointError(f"{args.checkpoint}: no such checkpoint folder")
     rows = load_preference_rows(args.dataset, **({"split": args.split} if args.split else {}))
     if not rows:
         raise EvaluationError(f"{args.dataset}: the data set is empty")
-    checkpoint = load_checkpoint(
-        args.checkpoint,
-        dtype=args.dtype,
-        device=args.device,
-        reward_label=args.reward_label,
-        max_length=args.max_length,
+    fmt = benchmarks.detect_format(rows) if args.format == "auto" else args.format
+    checkpoint = (
+        load_checkpoint(
+            args.checkpoint,
+            dtype=args.dtype,
+            device=args.device,
+            reward_label=args.reward_label,
+            max_length=args.max_length,
+        )
+        if args.checkpoint is not None
+        else None
     )
+    if fmt != benchmarks.PAIRS or args.url is not None:
+        return run_benchmark(args, rows, fmt, checkpoint)
     result = evaluate_pairs(checkpoint, rows, max_batch_tokens=args.max_batch_tokens)
     report = {
         "checkpoint": str(args.checkpoint),
@@ -239,9 +276,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def run_benchmark(args: argparse.Namespace, rows: list[dict[str, Any]], fmt: str, checkpoint: Any) -> dict[str, Any]:
+    """Benchmark rows (or pairs through a service): per-group accuracy with 95 % intervals, and parity when scored
+    both through ``--url`` and in-process."""
+    cands = benchmarks.candidates(rows, fmt, as_messages=args.as_messages)
+    local = (
+        benchmarks.checkpoint_scorer(checkpoint, max_batch_tokens=args.max_batch_tokens)
+        if checkpoint is not None
+        else None
+    )
+    remote = benchmarks.service_scorer(args.url, api_key=args.api_key) if args.url is not None else None
+    scores, truncated = (remote or local)(cands.items)  # type: ignore[misc]
+    reference = local(cands.items)[0] if remote is not None and local is not None else None
+    result = benchmarks.report(cands, fmt, scores, truncated=truncated, reference=reference)
+    report = {
+        "dataset": str(args.dataset),
+        "checkpoint": str(args.checkpoint) if args.checkpoint is not None else None,
+        "url": args.url,
+        "scored_by": "service" if remote is not None else "checkpoint",
+        "items": "messages" if args.as_messages else "prompt + response",
+        "ties": "strict comparison; a tie counts as wrong (pairs: half)",
+        **result,
+    }
+    for line in benchmarks.table(result):
+        print(line)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report: {out}")
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    expected = (FormattingError, CheckpointError, EvaluationError, DataError, FileNotFoundError, OSError)
+    expected = (
+        FormattingError,
+        CheckpointError,
+        EvaluationError,
+        DataError,
+        benchmarks.BenchmarkError,
+        FileNotFoundError,
+        OSError,
+    )
     try:
         run(args)
     except expected as exc:
