@@ -14,6 +14,7 @@ from service.lifecycle import Lifecycle, refusal
 from service.metrics import ServiceMetrics
 from service.scoring import ScoringService
 from service.settings import ServeSettings
+from service.telemetry import RewardTelemetry
 
 logger = logging.getLogger("reward.service")
 
@@ -26,6 +27,9 @@ class ServiceRuntime:
         self.settings = settings
         self.lifecycle = Lifecycle(settings.drain_timeout_s)
         self.metrics = ServiceMetrics()
+        self.telemetry = RewardTelemetry(
+            self.metrics.registry, window=settings.reward_telemetry_window, enabled=settings.reward_telemetry
+        )
         self._backend = backend  # a ready-made backend (tests inject faults this way); else loaded from settings
         self._engine: Engine | None = None
         self._scoring: ScoringService | None = None
@@ -82,7 +86,7 @@ class ServiceRuntime:
         self.metrics.inference_workers.set(engine.threads.workers)
         self.metrics.describe_model(model=info.name, version=info.version, dtype=info.dtype, device=info.device)
         self.metrics.fast_graph_missing.set(1 if info.extra.get("fast_graph_missing") else 0)
-        self._scoring = ScoringService(engine, self.lifecycle, self.settings)
+        self._scoring = ScoringService(engine, self.lifecycle, self.settings, self.telemetry)
         self._engine = engine
 
     def shut_down(self) -> None:

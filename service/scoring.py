@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
 
     from service.backend import ModelInfo
+    from service.telemetry import RewardTelemetry
 
 Loc = Sequence[str | int]
 
@@ -109,10 +110,13 @@ class ScoringService:
     away, so that a protocol is only its schema and the translation to and from :class:`Item` s.
     """
 
-    def __init__(self, engine: Engine, lifecycle: Lifecycle, settings: ServeSettings):
+    def __init__(
+        self, engine: Engine, lifecycle: Lifecycle, settings: ServeSettings, telemetry: RewardTelemetry | None = None
+    ):
         self.engine = engine
         self.lifecycle = lifecycle
         self.settings = settings
+        self.telemetry = telemetry  # told every delivered score (service/telemetry.py)
 
     @property
     def model(self) -> ModelInfo:
@@ -162,9 +166,12 @@ class ScoringService:
     async def _score(
         self, request: Request, payloads: Sequence[Mapping[str, Any]], locs: Sequence[Loc], started: float
     ) -> Scored:
-        return await self.engine.scorer.run(
+        scored = await self.engine.scorer.run(
             payloads, locs=locs, started=started, wait_for_disconnect=_disconnect_of(request)
         )
+        if self.telemetry is not None:
+            self.telemetry.observe(self.model, scored)
+        return scored
 
 
 def _disconnect_of(request: Request) -> WaitForDisconnect:

@@ -97,6 +97,15 @@ class ServeSettings(BaseSettings):
         "providers (e.g. under opentelemetry-instrument); off by default: its per-request check costs event-loop time",
     )
 
+    reward_telemetry: bool = Field(
+        True,
+        description="export what the delivered rewards look like in /metrics (score histogram, length-score "
+        "correlation, truncation, drift from the manifest's normalization; docs/telemetry.md)",
+    )
+    reward_telemetry_window: int = Field(
+        1000, ge=2, description="how many recent items the telemetry's correlation, mean, std and drift cover"
+    )
+
     # -- batching -------------------------------------------------------------------------------------------
     max_batch_tokens: int | None = Field(
         None,

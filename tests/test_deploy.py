@@ -690,9 +690,9 @@ def test_objects_validate_against_kubernetes_schemas(variant):
                     f"{obj['kind']}/{obj['metadata']['name']} is invalid for Kubernetes {version}: "
                     f"{err.message} at {'/'.join(map(str, err.absolute_path))}"
                 ) from None
-    assert set(crds) <= {"ServiceMonitor"}, f"objects without a Kubernetes schema: {crds}"
-    assert ("ServiceMonitor" in crds) == (variant == "monitoring"), (
-        "the ServiceMonitor is only in the monitoring overlay"
+    assert set(crds) <= {"ServiceMonitor", "PrometheusRule"}, f"objects without a Kubernetes schema: {crds}"
+    assert (sorted(crds) == ["PrometheusRule", "ServiceMonitor"]) == (variant == "monitoring"), (
+        "the ServiceMonitor and the alert rules are only in the monitoring overlay"
     )
 
 
