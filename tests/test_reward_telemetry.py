@@ -32,7 +32,7 @@ def texts_of_lengths(count: int) -> list[str]:
 
 
 class LinearBackend:
-    """The tiny checkpoint's tokenizer and identity, with scores set by the test: ``base + slope * (tokens - centre)``."""
+    """The tiny checkpoint's tokenizer and identity; scores set by the test: ``base + slope * (tokens - centre)``."""
 
     def __init__(self, checkpoint_dir: Path):
         from service.backend import CheckpointBackend
