@@ -2,7 +2,8 @@
 
 Four signals an RL operator watches for a reward being drifted from or gamed:
 
-- ``reward_score`` (histogram): every raw score delivered (before any normalization a client asked for);
+- ``reward_score`` (histogram): every raw score delivered (before any normalization a client asked for); its
+  buckets reach below zero, so it has no ``_sum`` or ``_count`` (OpenMetrics): the ``le="+Inf"`` bucket counts;
 - ``reward_length_score_correlation``: Pearson's r between an item's token count and its raw score over the last
   ``window`` items; a climb towards +1 during training is the classic sign of the policy buying reward with length;
 - ``reward_truncated_items_total`` and ``reward_truncated_window_ratio``: items cut to the model's ``max_length``
@@ -11,22 +12,24 @@ Four signals an RL operator watches for a reward being drifted from or gamed:
   ``reward_score_drift_z`` = (live mean - training mean) / training std, the shift of the live mean in training
   standard deviations, and ``reward_score_std_ratio`` = live std / training std.
 
-Cost on the scoring path: one lock, a deque extend and a histogram observation per item, after the scores are
-computed. The window statistics are computed only when ``/metrics`` is scraped. Every series carries ``model`` and
-``version`` labels, so several served models each get their own.
+Cost on the scoring path: under one lock, two list extends per request, after the scores are computed; the
+histogram buckets and the window statistics are computed when ``/metrics`` is scraped. Every series carries
+``model`` and ``version`` labels, so several served models each get their own.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # Raw reward scales differ between models (a few units for most Bradley-Terry heads, tens for some); the buckets
 # are symmetric around 0 and finer near it. The window mean and std gauges are exact whatever the scale.
@@ -34,6 +37,8 @@ SCORE_BUCKETS = tuple(
     sorted({0.0, *(s * b for b in (0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32) for s in (-1, 1))})
 )
 LABELS = ("model", "version")
+# Scores wait in a list until the next scrape folds them into the histogram; past this many they are folded at once.
+FOLD_EVERY = 65_536
 
 
 class ModelIdentity(Protocol):
@@ -50,37 +55,49 @@ class ScoredItems(Protocol):
 
 @dataclass
 class _Stream:
-    """The last ``window`` items of one model version: (raw score, token count, truncated)."""
+    """One model version: the last ``window`` items (raw score, token count, truncated), every score's histogram
+    bucket counts (scores since the last fold wait in ``pending``), and the truncated items counted."""
 
     window: int
     normalization: Mapping[str, float] | None
     recent: deque = field(init=False)
+    pending: list[float] = field(default_factory=list)
+    bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(SCORE_BUCKETS) + 1))
+    score_sum: float = 0.0
+    count: int = 0
+    truncated: int = 0
 
     def __post_init__(self) -> None:
         self.recent = deque(maxlen=self.window)
 
+    def fold(self) -> None:
+        """Count the pending scores into the buckets (under the caller's lock)."""
+        if not self.pending:
+            return
+        import numpy as np
+
+        scores = np.asarray(self.pending, dtype=np.float64)
+        # Prometheus buckets are upper bounds, inclusive: a score equal to a bound counts in that bucket.
+        index = np.searchsorted(np.asarray(SCORE_BUCKETS), scores, side="left")
+        for i, n in enumerate(np.bincount(index, minlength=len(SCORE_BUCKETS) + 1).tolist()):
+            self.bucket_counts[i] += n
+        self.score_sum += float(scores.sum())
+        self.count += len(self.pending)
+        self.pending.clear()
+
 
 class RewardTelemetry(Collector):
-    """Observes delivered scores (:meth:`observe`) and exports the window statistics when ``/metrics`` is read."""
+    """Observes delivered scores (:meth:`observe`: appends under one lock) and computes everything it exports when
+    ``/metrics`` is read."""
 
     def __init__(self, registry: CollectorRegistry, *, window: int = 1000, enabled: bool = True):
         self.enabled = enabled
         self.window = window
         self._lock = threading.Lock()
         self._streams: dict[tuple[str, str], _Stream] = {}
-        self._children: dict[tuple[str, str], tuple[Histogram, Counter]] = {}
         if not enabled:
             return
-        self.scores = Histogram(
-            "reward_score", "raw scores delivered", LABELS, buckets=SCORE_BUCKETS, registry=registry
-        )
-        self.truncated = Counter(
-            "reward_truncated_items", "items cut to the model's max_length before scoring", LABELS, registry=registry
-        )
-        self.window_size = Gauge(
-            "reward_telemetry_window", "items the window statistics are computed over", registry=registry
-        )
-        self.window_size.set(window)
+        Gauge("reward_telemetry_window", "items the window statistics are computed over", registry=registry).set(window)
         registry.register(self)
 
     def observe(self, model: ModelIdentity, scored: ScoredItems) -> None:
@@ -88,33 +105,28 @@ class RewardTelemetry(Collector):
         if not self.enabled or not scored.scores:
             return
         key = (model.name, model.version)
-        children = self._children.get(key)
-        if children is None:
-            children = self._register(key, model.normalization)
-        histogram, truncated = children
-        for score in scored.scores:
-            histogram.observe(score)
-        cut = sum(scored.truncated)
-        if cut:
-            truncated.inc(cut)
-        stream = self._streams[key]
         with self._lock:
+            stream = self._streams.get(key)
+            if stream is None:
+                norm = dict(model.normalization) if model.normalization else None
+                stream = self._streams[key] = _Stream(self.window, norm)
             stream.recent.extend(zip(scored.scores, scored.tokens, scored.truncated, strict=True))
-
-    def _register(self, key: tuple[str, str], normalization: Mapping[str, float] | None) -> tuple[Histogram, Counter]:
-        with self._lock:
-            if key not in self._children:
-                self._streams[key] = _Stream(self.window, dict(normalization) if normalization else None)
-                self._children[key] = (self.scores.labels(*key), self.truncated.labels(*key))
-            return self._children[key]
+            stream.pending.extend(scored.scores)
+            stream.truncated += sum(scored.truncated)
+            if len(stream.pending) >= FOLD_EVERY:
+                stream.fold()
 
     # -- Collector: computed at scrape time ----------------------------------------------------------------
-    def describe(self) -> list:
+    def describe(self) -> list[Metric]:
         return []
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         import numpy as np
 
+        histogram = HistogramMetricFamily("reward_score", "raw scores delivered", labels=LABELS)
+        truncated_total = CounterMetricFamily(
+            "reward_truncated_items", "items cut to the model's max_length before scoring", labels=LABELS
+        )
         families = {
             "items": GaugeMetricFamily(
                 "reward_telemetry_window_items",
@@ -149,9 +161,17 @@ class RewardTelemetry(Collector):
             ),
         }
         with self._lock:
-            snapshot = [(key, list(s.recent), s.normalization) for key, s in self._streams.items()]
-        for key, recent, normalization in snapshot:
+            snapshot = []
+            for key, stream in self._streams.items():
+                stream.fold()
+                counts = list(itertools.accumulate(stream.bucket_counts))
+                buckets = [(floatToGoString(b), c) for b, c in zip((*SCORE_BUCKETS, float("inf")), counts, strict=True)]
+                totals = (buckets, stream.score_sum, stream.truncated)
+                snapshot.append((key, list(stream.recent), stream.normalization, totals))
+        for key, recent, normalization, (buckets, score_sum, truncated) in snapshot:
             labels = list(key)
+            histogram.add_metric(labels, buckets, score_sum)
+            truncated_total.add_metric(labels, truncated)
             families["items"].add_metric(labels, len(recent))
             if not recent:
                 continue
@@ -169,4 +189,6 @@ class RewardTelemetry(Collector):
                 families["train_std"].add_metric(labels, train_std)
                 families["drift"].add_metric(labels, (mean - train_mean) / train_std)
                 families["spread"].add_metric(labels, std / train_std)
+        yield histogram
+        yield truncated_total
         yield from families.values()

@@ -59,6 +59,11 @@ def gauges(text: str, model: str) -> dict[str, float]:
     }
 
 
+def delivered(text: str, labels: dict[str, str] | None = None) -> float:
+    """Items in the score histogram: its +Inf bucket (a histogram with negative buckets has no _count or _sum)."""
+    return metric_value(text, "reward_score_bucket", {**(labels or {}), "le": "+Inf"})
+
+
 @pytest.fixture(scope="module")
 def linear(tiny_reward_checkpoint):
     backend = LinearBackend(tiny_reward_checkpoint)
@@ -89,16 +94,16 @@ def test_known_correlation_sign_and_drift_size(linear):
         assert (got["reward_score_training_mean"], got["reward_score_training_std"]) == (mean, std)
     text = httpx.get(f"{server.url}/metrics").text
     labels = {"model": model, "version": version}
-    assert metric_value(text, "reward_score_count", labels) == 2 * WINDOW  # the histogram keeps every item
+    assert delivered(text, labels) == 2 * WINDOW  # the histogram keeps every item
     assert metric_value(text, "reward_truncated_window_ratio", labels) == 0.0
 
 
 def test_compare_pairs_are_observed_as_items(linear):
     backend, server = linear
-    before = metric_value(httpx.get(f"{server.url}/metrics").text, "reward_score_count")
+    before = delivered(httpx.get(f"{server.url}/metrics").text)
     pair = {"prompt": "why ?", "chosen": "water water", "rejected": "water"}
     assert httpx.post(f"{server.url}/compare", json={"pairs": [pair, pair]}, timeout=30).status_code == 200
-    assert metric_value(httpx.get(f"{server.url}/metrics").text, "reward_score_count") == before + 4
+    assert delivered(httpx.get(f"{server.url}/metrics").text) == before + 4
 
 
 # -- the real model, through the CLI -------------------------------------------------------------------------------
@@ -120,7 +125,8 @@ def test_real_scores_match_the_statistics_of_what_was_answered(real_server, tiny
     scores = np.asarray(body["scores"])
     lengths = np.asarray([len(formatter.encode({"text": t}).input_ids) for t in texts])
     assert body["truncated"] == [False] * 30 + [True]
-    got = gauges(httpx.get(f"{real_server.url}/metrics").text, body["model"])
+    text = httpx.get(f"{real_server.url}/metrics").text
+    got = gauges(text, body["model"])
     assert got["reward_telemetry_window_items"] == 31
     assert got["reward_length_score_correlation"] == pytest.approx(np.corrcoef(lengths, scores)[0, 1], abs=1e-9)
     assert got["reward_score_window_mean"] == pytest.approx(scores.mean(), abs=1e-9)
@@ -129,7 +135,16 @@ def test_real_scores_match_the_statistics_of_what_was_answered(real_server, tiny
     assert got["reward_score_drift_z"] == pytest.approx(expected_z, abs=1e-9)
     assert got["reward_truncated_window_ratio"] == pytest.approx(1 / 31)
     assert got["reward_truncated_items_total"] == 1
-    assert got["reward_score_count"] == 31
+    assert delivered(text, {"model": body["model"]}) == 31
+    buckets = {
+        float(sample.labels["le"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "reward_score_bucket"
+    }
+    assert len(buckets) > 10
+    for bound, count in buckets.items():
+        assert count == int((scores <= bound).sum()), bound  # cumulative, upper bounds inclusive
 
 
 def test_switched_off_it_exports_nothing(tiny_reward_checkpoint):

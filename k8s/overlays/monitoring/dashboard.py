@@ -15,6 +15,8 @@ from grafanalib._gen import DashboardEncoder
 from grafanalib.core import Dashboard, GridPos, Target, Template, Templating, Threshold, TimeSeries
 
 SELECTOR = 'model=~"$model"'
+# Items delivered: the score histogram's +Inf bucket (a histogram with negative buckets exposes no _count or _sum).
+DELIVERED = f'reward_score_bucket{{le="+Inf",{SELECTOR}}}'
 BY = "model, version"
 
 
@@ -51,7 +53,7 @@ def build() -> Dashboard:
                 Template(
                     name="model",
                     label="Model",
-                    query="label_values(reward_score_count, model)",
+                    query="label_values(reward_score_bucket, model)",
                     dataSource="${datasource}",
                     includeAll=True,
                     multi=True,
@@ -109,7 +111,7 @@ def build() -> Dashboard:
                     (f"reward_truncated_window_ratio{{{SELECTOR}}}", "last N {{model}} {{version}}"),
                     (
                         f"sum by ({BY}) (rate(reward_truncated_items_total{{{SELECTOR}}}[5m])) / "
-                        f"sum by ({BY}) (rate(reward_score_count{{{SELECTOR}}}[5m]))",
+                        f"sum by ({BY}) (rate({DELIVERED}[5m]))",
                         "5 min {{model}} {{version}}",
                     ),
                 ],
@@ -121,7 +123,7 @@ def build() -> Dashboard:
             panel(
                 "Scores delivered per second",
                 "items scored and delivered, by model and version",
-                [(f"sum by ({BY}) (rate(reward_score_count{{{SELECTOR}}}[5m]))", "{{model}} {{version}}")],
+                [(f"sum by ({BY}) (rate({DELIVERED}[5m]))", "{{model}} {{version}}")],
                 (12, 16),
                 unit="ops",
             ),
