@@ -265,7 +265,8 @@ def table(result: Mapping[str, Any]) -> list[str]:
     parity = "parity_max_abs_diff" in result["overall"]
     head = ["group", "n", "accuracy", "95% CI", "random", *extra, *(["parity"] if parity else [])]
     lines = []
-    entries = [*result["groups"].items(), ("all", result["overall"])]
+    groups = result["groups"]
+    entries = [*(groups.items() if list(groups) != ["all"] else []), ("all", result["overall"])]
     for name, g in entries:
         cells = [
             name,
