@@ -173,7 +173,7 @@ def test_rmbench_rows_through_the_checkpoint(tmp_path, tiny_reward_checkpoint, r
 # -- through a live service ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tiny_reward_checkpoint):
-    process = ServerProcess(["--model", str(tiny_reward_checkpoint), "--torch-threads", "1"]).start()
+    process = ServerProcess(["--model", str(tiny_reward_checkpoint), "--torch-threads", "1"]).start(ready_timeout=180)
     yield process
     process.stop()
 

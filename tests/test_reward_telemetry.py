@@ -109,7 +109,9 @@ def test_compare_pairs_are_observed_as_items(linear):
 # -- the real model, through the CLI -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real_server(tiny_reward_checkpoint):
-    process = ServerProcess(["--model", str(tiny_reward_checkpoint), "--reward-telemetry-window", "50"]).start()
+    process = ServerProcess(["--model", str(tiny_reward_checkpoint), "--reward-telemetry-window", "50"]).start(
+        ready_timeout=180
+    )
     yield process
     process.stop()
 
