@@ -2,8 +2,9 @@
 
 Four signals an RL operator watches for a reward being drifted from or gamed:
 
-- ``reward_score`` (histogram): every raw score delivered (before any normalization a client asked for); its
-  buckets reach below zero, so it has no ``_sum`` or ``_count`` (OpenMetrics): the ``le="+Inf"`` bucket counts;
+- ``reward_score`` (histogram): every raw score delivered (before any normalization a client asked for), in
+  buckets at the training mean ± multiples of the training std (see :func:`score_buckets`); buckets may lie below
+  zero, so it has no ``_sum`` or ``_count`` (OpenMetrics): the ``le="+Inf"`` bucket counts;
 - ``reward_length_score_correlation``: Pearson's r between an item's token count and its raw score over the last
   ``window`` items; a climb towards +1 during training is the classic sign of the policy buying reward with length;
 - ``reward_truncated_items_total`` and ``reward_truncated_window_ratio``: items cut to the model's ``max_length``
@@ -31,11 +32,24 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-# Raw reward scales differ between models (a few units for most Bradley-Terry heads, tens for some); the buckets
-# are symmetric around 0 and finer near it. The window mean and std gauges are exact whatever the scale.
+# Raw reward scales differ between models (a few units for most Bradley-Terry heads, tens for some, hundredths for
+# an untrained one), so a model with normalization statistics gets its buckets in training units: the training
+# mean plus these many training standard deviations (histogram quantiles then read against training directly).
+# Without them the buckets are symmetric around 0, finer near it. The window gauges are exact whatever the buckets.
+TRAINING_STEPS = (-4, -3, -2.5, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 2.5, 3, 4)
 SCORE_BUCKETS = tuple(
     sorted({0.0, *(s * b for b in (0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32) for s in (-1, 1))})
 )
+
+
+def score_buckets(normalization: Mapping[str, float] | None) -> tuple[float, ...]:
+    """The histogram's upper bounds for a model: in training units when its manifest has a std, else fixed."""
+    if not normalization or not normalization.get("std"):
+        return SCORE_BUCKETS
+    mean, std = float(normalization["mean"]), float(normalization["std"])
+    return tuple(sorted({mean + k * std for k in TRAINING_STEPS}))
+
+
 LABELS = ("model", "version")
 # Scores wait in a list until the next scrape folds them into the histogram; past this many they are folded at once.
 FOLD_EVERY = 65_536
@@ -62,13 +76,16 @@ class _Stream:
     normalization: Mapping[str, float] | None
     recent: deque = field(init=False)
     pending: list[float] = field(default_factory=list)
-    bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(SCORE_BUCKETS) + 1))
+    bounds: tuple[float, ...] = field(init=False)
+    bucket_counts: list[int] = field(init=False)
     score_sum: float = 0.0
     count: int = 0
     truncated: int = 0
 
     def __post_init__(self) -> None:
         self.recent = deque(maxlen=self.window)
+        self.bounds = score_buckets(self.normalization)
+        self.bucket_counts = [0] * (len(self.bounds) + 1)
 
     def fold(self) -> None:
         """Count the pending scores into the buckets (under the caller's lock)."""
@@ -78,8 +95,8 @@ class _Stream:
 
         scores = np.asarray(self.pending, dtype=np.float64)
         # Prometheus buckets are upper bounds, inclusive: a score equal to a bound counts in that bucket.
-        index = np.searchsorted(np.asarray(SCORE_BUCKETS), scores, side="left")
-        for i, n in enumerate(np.bincount(index, minlength=len(SCORE_BUCKETS) + 1).tolist()):
+        index = np.searchsorted(np.asarray(self.bounds), scores, side="left")
+        for i, n in enumerate(np.bincount(index, minlength=len(self.bounds) + 1).tolist()):
             self.bucket_counts[i] += n
         self.score_sum += float(scores.sum())
         self.count += len(self.pending)
@@ -165,7 +182,7 @@ class RewardTelemetry(Collector):
             for key, stream in self._streams.items():
                 stream.fold()
                 counts = list(itertools.accumulate(stream.bucket_counts))
-                buckets = [(floatToGoString(b), c) for b, c in zip((*SCORE_BUCKETS, float("inf")), counts, strict=True)]
+                buckets = [(floatToGoString(b), c) for b, c in zip((*stream.bounds, float("inf")), counts, strict=True)]
                 totals = (buckets, stream.score_sum, stream.truncated)
                 snapshot.append((key, list(stream.recent), stream.normalization, totals))
         for key, recent, normalization, (buckets, score_sum, truncated) in snapshot:

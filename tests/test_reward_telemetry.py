@@ -19,6 +19,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from service_fixtures import NORMALIZATION, REPO, ServerProcess, ThreadedServer, make_settings, metric_value
 
+from service.telemetry import TRAINING_STEPS
+
 MONITORING = REPO / "k8s" / "overlays" / "monitoring"
 WINDOW = 20
 
@@ -144,7 +146,8 @@ def test_real_scores_match_the_statistics_of_what_was_answered(real_server, tiny
         for sample in family.samples
         if sample.name == "reward_score_bucket"
     }
-    assert len(buckets) > 10
+    training_units = [NORMALIZATION["mean"] + k * NORMALIZATION["std"] for k in TRAINING_STEPS]
+    assert sorted(buckets) == pytest.approx([*training_units, float("inf")])  # the manifest's mean +- k std
     for bound, count in buckets.items():
         assert count == int((scores <= bound).sum()), bound  # cumulative, upper bounds inclusive
 
