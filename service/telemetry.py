@@ -138,45 +138,11 @@ class RewardTelemetry(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        import numpy as np
-
         histogram = HistogramMetricFamily("reward_score", "raw scores delivered", labels=LABELS)
         truncated_total = CounterMetricFamily(
             "reward_truncated_items", "items cut to the model's max_length before scoring", labels=LABELS
         )
-        families = {
-            "items": GaugeMetricFamily(
-                "reward_telemetry_window_items",
-                "items in the window the statistics below are computed over",
-                labels=LABELS,
-            ),
-            "mean": GaugeMetricFamily("reward_score_window_mean", "mean raw score over the window", labels=LABELS),
-            "std": GaugeMetricFamily(
-                "reward_score_window_std", "standard deviation of the raw scores over the window", labels=LABELS
-            ),
-            "corr": GaugeMetricFamily(
-                "reward_length_score_correlation",
-                "Pearson correlation of token count and raw score over the window (absent while either is constant)",
-                labels=LABELS,
-            ),
-            "truncated": GaugeMetricFamily(
-                "reward_truncated_window_ratio", "share of the window's items cut to max_length", labels=LABELS
-            ),
-            "drift": GaugeMetricFamily(
-                "reward_score_drift_z",
-                "(window mean - training mean) / training std, from the manifest's normalization",
-                labels=LABELS,
-            ),
-            "spread": GaugeMetricFamily(
-                "reward_score_std_ratio", "window std / training std, from the manifest's normalization", labels=LABELS
-            ),
-            "train_mean": GaugeMetricFamily(
-                "reward_score_training_mean", "the manifest's normalization mean (raw scores)", labels=LABELS
-            ),
-            "train_std": GaugeMetricFamily(
-                "reward_score_training_std", "the manifest's normalization std (raw scores)", labels=LABELS
-            ),
-        }
+        gauges = {key: GaugeMetricFamily(name, text, labels=LABELS) for key, name, text in WINDOW_GAUGES}
         with self._lock:
             snapshot = []
             for key, stream in self._streams.items():
@@ -189,23 +155,55 @@ class RewardTelemetry(Collector):
             labels = list(key)
             histogram.add_metric(labels, buckets, score_sum)
             truncated_total.add_metric(labels, truncated)
-            families["items"].add_metric(labels, len(recent))
-            if not recent:
-                continue
-            data = np.asarray(recent, dtype=np.float64)
-            scores, tokens, cut = data[:, 0], data[:, 1], data[:, 2]
-            mean, std = float(scores.mean()), float(scores.std())
-            families["mean"].add_metric(labels, mean)
-            families["std"].add_metric(labels, std)
-            families["truncated"].add_metric(labels, float(cut.mean()))
-            if std > 0 and float(tokens.std()) > 0:
-                families["corr"].add_metric(labels, float(np.corrcoef(tokens, scores)[0, 1]))
-            if normalization and normalization.get("std"):
-                train_mean, train_std = float(normalization["mean"]), float(normalization["std"])
-                families["train_mean"].add_metric(labels, train_mean)
-                families["train_std"].add_metric(labels, train_std)
-                families["drift"].add_metric(labels, (mean - train_mean) / train_std)
-                families["spread"].add_metric(labels, std / train_std)
+            gauges["items"].add_metric(labels, len(recent))
+            if recent:
+                _window_statistics(gauges, labels, recent, normalization)
         yield histogram
         yield truncated_total
-        yield from families.values()
+        yield from gauges.values()
+
+
+# (key, name, help) of the gauges computed over the window at scrape time.
+WINDOW_GAUGES = (
+    ("items", "reward_telemetry_window_items", "items in the window the statistics below are computed over"),
+    ("mean", "reward_score_window_mean", "mean raw score over the window"),
+    ("std", "reward_score_window_std", "standard deviation of the raw scores over the window"),
+    (
+        "corr",
+        "reward_length_score_correlation",
+        "Pearson correlation of token count and raw score over the window (absent while either is constant)",
+    ),
+    ("truncated", "reward_truncated_window_ratio", "share of the window's items cut to max_length"),
+    (
+        "drift",
+        "reward_score_drift_z",
+        "(window mean - training mean) / training std, from the manifest's normalization",
+    ),
+    ("spread", "reward_score_std_ratio", "window std / training std, from the manifest's normalization"),
+    ("train_mean", "reward_score_training_mean", "the manifest's normalization mean (raw scores)"),
+    ("train_std", "reward_score_training_std", "the manifest's normalization std (raw scores)"),
+)
+
+
+def _window_statistics(
+    gauges: Mapping[str, GaugeMetricFamily],
+    labels: list[str],
+    recent: list[tuple[float, int, bool]],
+    normalization: Mapping[str, float] | None,
+) -> None:
+    import numpy as np
+
+    data = np.asarray(recent, dtype=np.float64)
+    scores, tokens, cut = data[:, 0], data[:, 1], data[:, 2]
+    mean, std = float(scores.mean()), float(scores.std())
+    gauges["mean"].add_metric(labels, mean)
+    gauges["std"].add_metric(labels, std)
+    gauges["truncated"].add_metric(labels, float(cut.mean()))
+    if std > 0 and float(tokens.std()) > 0:
+        gauges["corr"].add_metric(labels, float(np.corrcoef(tokens, scores)[0, 1]))
+    if normalization and normalization.get("std"):
+        train_mean, train_std = float(normalization["mean"]), float(normalization["std"])
+        gauges["train_mean"].add_metric(labels, train_mean)
+        gauges["train_std"].add_metric(labels, train_std)
+        gauges["drift"].add_metric(labels, (mean - train_mean) / train_std)
+        gauges["spread"].add_metric(labels, std / train_std)
