@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_jsonl
-from service_fixtures import ServerProcess
 
+from tests.fixtures.commands import write_jsonl
+from tests.fixtures.servers import ServerProcess
 from training import benchmarks, evaluate
 from training.checkpoint import forward_scores, load_checkpoint
 

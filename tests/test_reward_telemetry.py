@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from service_fixtures import NORMALIZATION, REPO, ServerProcess, ThreadedServer, make_settings, metric_value
 
 from service.telemetry import TRAINING_STEPS
+from tests.fixtures.commands import REPO
+from tests.fixtures.models import NORMALIZATION
+from tests.fixtures.servers import ServerProcess, ThreadedServer, make_settings, metric_value
 
 MONITORING = REPO / "k8s" / "overlays" / "monitoring"
 WINDOW = 20
