@@ -263,13 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ties": "strict comparison; a tie counts as half a correct pair",
         "scores": {"chosen": result["chosen_scores"], "rejected": result["rejected_scores"]},
     }
-    for line in summary_lines(result):
-        print(line)
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"report: {out}")
+    publish(summary_lines(result), report, args.output)
     if args.plot:
         plot_rewards(result["chosen_scores"], result["rejected_scores"], args.plot, title=checkpoint.name)
         print(f"plot: {args.plot}")
@@ -298,14 +292,19 @@ def run_benchmark(args: argparse.Namespace, rows: list[dict[str, Any]], fmt: str
         "ties": "strict comparison; a tie counts as wrong (pairs: half)",
         **result,
     }
-    for line in benchmarks.table(result):
+    publish(benchmarks.table(result), report, args.output)
+    return report
+
+
+def publish(lines: Sequence[str], report: Mapping[str, Any], output: str | None) -> None:
+    """Print the summary lines; write the JSON report to ``output`` when given."""
+    for line in lines:
         print(line)
-    if args.output:
-        out = Path(args.output)
+    if output:
+        out = Path(output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"report: {out}")
-    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
