@@ -1,0 +1,337 @@
+"""``python -m bench.grpo``: a decoder reward model under GRPO-shaped load, the service against vLLM's pooling runner
+with and without its prefix cache, interleaved in one run.
+
+    python -m bench.grpo --data Anthropic/hh-rlhf --shape smollm2-135m --duration-s 30 --repeats 2
+
+The model is a random-weight sequence classifier of a real shape (speed does not depend on weight values): Llama at
+SmolLM2-135M's shape or Qwen2 at Qwen2.5-0.5B's, with a byte-level BPE tokenizer of 16k trained in-process on the
+benchmark's own texts (its vocabulary is smaller than the real models', which changes only the embedding table).
+
+The texts are GRPO-shaped: each prompt is an hh-rlhf transcript up to its last ``"\\n\\nAssistant:"``, and comes back
+with 8 completions (its own chosen and rejected reply and 6 replies of other pairs), so the same prompt tokens are
+scored 8 times. Three load patterns, each against every server in turn (service, vLLM with its prefix cache,
+vLLM without), ``--repeats`` times:
+
+- ``group``: 16 closed-loop clients, one group of 8 completions per request (TRL GRPO, OpenRLHF <= 0.9.0 per prompt);
+- ``text``: 64 clients, one text per request, a group's completions sent together (OpenRLHF >= 0.9.1, slime);
+- ``4x64``: 4 clients, 8 groups per request (a rollout step in few large requests).
+
+Both servers score the same token ids: the service appends the tokenizer's eos (its decoder recipe), and vLLM is
+sent each text with the eos token written out, which its tokenizer reads as that one token. The report gives
+texts/s, p50/p99 latency, failed requests by status, the ratios to vLLM, and the service's tokens computed per token
+scored (from its ``/metrics``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import load as loadgen
+from bench.procstat import describe_machine
+from bench.report import cpu_line
+from bench.servers import PEERS_PYTHON, Server, parse_metrics, service_argv, vllm_argv, vllm_env
+
+REPO = Path(__file__).resolve().parents[1]
+HUB_DATA = "Anthropic/hh-rlhf"
+GROUP = 8
+MARK = "\n\nAssistant:"
+
+# Public configs of the real models (architecture, widths, depths, heads); vocabulary from the tokenizer trained here.
+SHAPES: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+    },
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": True,
+    },
+    # For the smoke run and the tests: the same code path, seconds instead of minutes.
+    "tiny": {
+        "model_type": "llama",
+        "hidden_size": 128,  # head size 64: vLLM's CPU attention has kernels for the usual head sizes only
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+    },
+}
+PATTERNS = {"group": (16, 1), "text": (64, 0), "4x64": (4, 8)}  # clients, groups per request (0: one text)
+
+
+# -- texts -------------------------------------------------------------------------------------------------------
+def read_pairs(data: str) -> list[dict[str, Any]]:
+    """Preference rows from a local ``.jsonl`` file, or hh-rlhf's harmless-base test split from the hub."""
+    path = Path(data)
+    if path.is_file():
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from datasets import load_dataset
+
+    return list(load_dataset(data, data_dir="harmless-base", split="test"))
+
+
+def grpo_groups(rows: Sequence[dict[str, Any]], groups: int, seed: int = 0) -> list[list[str]]:
+    """``groups`` lists of 8 texts: a prompt (the transcript up to its last assistant turn) with its own chosen and
+    rejected reply and the chosen replies of 6 other pairs."""
+    split = []
+    for row in rows:
+        chosen, rejected = row.get("chosen"), row.get("rejected")
+        if not isinstance(chosen, str) or not isinstance(rejected, str) or MARK not in chosen:
+            continue
+        prompt = chosen[: chosen.rindex(MARK) + len(MARK)]
+        if rejected.startswith(prompt):
+            split.append((prompt, chosen[len(prompt) :], rejected[len(prompt) :]))
+    random.Random(seed).shuffle(split)
+    out = []
+    for g, (prompt, chosen, rejected) in enumerate(split[:groups]):
+        others = [split[(g + k) % len(split)][1] for k in range(1, GROUP - 1)]
+        out.append([prompt + reply for reply in (chosen, rejected, *others)])
+    return out
+
+
+# -- the model ---------------------------------------------------------------------------------------------------
+def make_decoder(directory: Path, shape: str, texts: Sequence[str], *, max_length: int, seed: int = 0) -> Path:
+    """A random-weight decoder reward model of ``shape`` with a 16k byte-level BPE tokenizer trained on ``texts``,
+    and a reward manifest with the decoder recipe (eos appended, left truncation at ``max_length``)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+    from training.checkpoint import write_manifest
+    from training.formatting import recipe_for
+
+    if (directory / "reward_manifest.json").is_file():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    vocab = 16384 if shape != "tiny" else 1024
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<unk>", "<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>", unk_token="<unk>"
+    )
+    tokenizer.model_max_length = max_length
+    fields = dict(SHAPES[shape])
+    config = AutoConfig.for_model(
+        fields.pop("model_type"),
+        vocab_size=len(tokenizer),
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **fields,
+    )
+    torch.manual_seed(seed)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    recipe = recipe_for(tokenizer, max_length=max_length, truncation_side="left")
+    write_manifest(
+        directory,
+        {
+            "name": f"random-{shape}-reward",
+            "base_model": f"random weights at {shape}'s shape (bench.grpo)",
+            "formatting": recipe.to_dict(),
+            "normalization": {"mean": 0.0, "std": 1.0},
+            "eval": {},
+            "training": {"data_fingerprint": f"none: random weights, seed {seed}"},
+        },
+    )
+    return directory
+
+
+# -- load --------------------------------------------------------------------------------------------------------
+def payloads(groups: list[list[str]], pattern: str, api: str, eos: str, max_length: int) -> list[loadgen.Payload]:
+    """Request bodies in group order, so that a group's texts are sent together."""
+    per = PATTERNS[pattern][1]
+    texts = [t for g in groups for t in g]
+    chunks = (
+        [[t] for t in texts] if per == 0 else [texts[i : i + per * GROUP] for i in range(0, len(texts), per * GROUP)]
+    )
+    out = []
+    for chunk in chunks:
+        if api == "vllm":
+            body = {"model": "rm", "input": [t + eos for t in chunk], "use_activation": False}
+            body["truncate_prompt_tokens"] = max_length
+        else:
+            body = {"items": [{"text": t} for t in chunk], "normalize": False}
+        out.append(loadgen.Payload(json.dumps(body).encode(), len(chunk), 0))
+    return out
+
+
+def run_one(server: Server, route: str, bodies, clients: int, warmup_s: float, duration_s: float, timeout: float):
+    scrape = (lambda: parse_metrics(_get(server.url + "/metrics"))) if server.name == "service" else None
+    before = scrape() if scrape else {}
+    result = loadgen.run(
+        lambda: loadgen.closed_loop(
+            server.url + route, bodies, concurrency=clients, warmup_s=warmup_s, duration_s=duration_s, timeout=timeout
+        )
+    )
+    summary = result.summary()
+    summary.pop("latencies_ms", None)
+    if scrape:
+        after = scrape()
+        summary["service_counters"] = {
+            k: after[k] - before.get(k, 0.0) for k in after if k.startswith("reward_tokens_") or "prefix" in k
+        }
+    return summary
+
+
+def _get(url: str) -> str:
+    import httpx
+
+    return httpx.get(url, timeout=30).text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.grpo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=HUB_DATA, help="a local .jsonl of hh-rlhf rows, or the hub id (harmless-base)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    p.add_argument("--checkpoint", type=Path, help="where the random model is written (default: checkpoints/)")
+    p.add_argument("--groups", type=int, default=64, help="prompts, 8 texts each")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--patterns", default="group,text,4x64")
+    p.add_argument("--servers", default="service,vllm-prefix,vllm-noprefix")
+    p.add_argument("--service-args", default="", help="extra reward-serve flags, space-separated")
+    p.add_argument("--peer-python", type=Path, default=PEERS_PYTHON)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup-s", type=float, default=5.0)
+    p.add_argument("--duration-s", type=float, default=30.0)
+    p.add_argument("--timeout-s", type=float, default=120.0, help="client-side timeout per request")
+    p.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "grpo")
+    args = p.parse_args(argv)
+
+    groups = grpo_groups(read_pairs(args.data), args.groups)
+    if not groups:
+        p.error(f"no usable preference rows in {args.data}")
+    checkpoint = args.checkpoint or REPO / "checkpoints" / f"bench-{args.shape}-random"
+    texts = [t for g in groups for t in g]
+    make_decoder(checkpoint, args.shape, texts, max_length=args.max_length)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    eos = tok.eos_token
+    prompt_tokens = [len(tok(g[0][: g[0].rindex(MARK) + len(MARK)])["input_ids"]) for g in groups]
+    text_tokens = [len(tok(t)["input_ids"]) + 1 for t in texts]
+
+    names = args.servers.split(",")
+    servers: dict[str, Server] = {}
+    try:
+        for name in names:  # started together, then waited for: vLLM takes minutes to start on a small CPU
+            if name == "service":
+                servers[name] = Server(name, service_argv(checkpoint, "float32", args.service_args.split()))
+            else:
+                cache = "--enable-prefix-caching" if name == "vllm-prefix" else "--no-enable-prefix-caching"
+                argv_ = vllm_argv(checkpoint, "float32", args.max_length + 8, python=args.peer_python, extra=[cache])
+                servers[name] = Server(name, argv_, env=vllm_env(), ready_path="/health")
+            servers[name].launch()
+        for server in servers.values():
+            server.wait_ready(900)
+        runs: list[dict[str, Any]] = []
+        for repeat in range(args.repeats):
+            for pattern in args.patterns.split(","):
+                for name in names:
+                    api = "service" if name == "service" else "vllm"
+                    route = "/score" if api == "service" else "/classify"
+                    bodies = payloads(groups, pattern, api, eos, args.max_length)
+                    clients = PATTERNS[pattern][0]
+                    summary = run_one(
+                        servers[name], route, bodies, clients, args.warmup_s, args.duration_s, args.timeout_s
+                    )
+                    runs.append({"repeat": repeat, "pattern": pattern, "server": name, **summary})
+                    lat = summary["latency_ms"]
+                    print(
+                        f"[{repeat}] {pattern:5} {name:14} {summary['texts_per_s']:7.2f} texts/s "
+                        f"p50 {lat['p50']} p99 {lat['p99']} ms failed {summary['failed_requests']} "
+                        f"{summary['errors'] or ''} {summary.get('service_counters', '')}",
+                        flush=True,
+                    )
+    finally:
+        for server in servers.values():
+            server.stop()
+    report = {
+        "machine": describe_machine(),
+        "shape": args.shape,
+        "checkpoint": str(checkpoint),
+        "texts": len(texts),
+        "mean_tokens_per_text": statistics.mean(text_tokens),
+        "mean_prompt_tokens": statistics.mean(prompt_tokens),
+        "service_args": args.service_args,
+        "runs": runs,
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "grpo.json").write_text(json.dumps(report, indent=1))
+    (args.output / "grpo.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"Decoder reward model, random weights at {report['shape']}'s shape; {report['texts']} GRPO-shaped texts, "
+        f"mean {report['mean_tokens_per_text']:.0f} tokens, {report['mean_prompt_tokens']:.0f} of them the prompt.",
+        cpu_line(report["machine"]),
+        "",
+        "| repeat | pattern | server | texts/s | p50 ms | p99 ms | failed | service tokens computed / scored |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["runs"]:
+        c = r.get("service_counters") or {}
+        scored, computed = c.get("reward_tokens_scored_total"), c.get("reward_tokens_computed_total")
+        share = f"{computed / scored:.2f}" if scored and computed is not None else ""
+        lat = r["latency_ms"]
+        lines.append(
+            f"| {r['repeat']} | {r['pattern']} | {r['server']} | {r['texts_per_s']:.2f} | {lat['p50']} | {lat['p99']} "
+            f"| {r['failed_requests']} {r['errors'] or ''} | {share} |"
+        )
+    lines += [
+        "",
+        "| repeat | pattern | service ÷ vLLM with prefix cache | service ÷ vLLM without |",
+        "|---|---|---:|---:|",
+    ]
+    by = {(r["repeat"], r["pattern"], r["server"]): r["texts_per_s"] for r in report["runs"]}
+    for repeat, pattern in sorted({(r["repeat"], r["pattern"]) for r in report["runs"]}):
+        service = by.get((repeat, pattern, "service"))
+        cells = []
+        for peer in ("vllm-prefix", "vllm-noprefix"):
+            other = by.get((repeat, pattern, peer))
+            cells.append(f"{service / other:.2f}" if service and other else "")
+        lines.append(f"| {repeat} | {pattern} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
