@@ -117,8 +117,8 @@ def grpo_groups(rows: Sequence[dict[str, Any]], groups: int, seed: int = 0) -> l
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
-def make_decoder(directory: Path, shape: str, texts: Sequence[str], *, max_length: int, seed: int = 0) -> Path:
-    """A random-weight decoder reward model of ``shape`` with a 16k byte-level BPE tokenizer trained on ``texts``,
+def make_decoder(directory: Path, shape: str, corpus: Sequence[str], *, max_length: int, seed: int = 0) -> Path:
+    """A random-weight decoder reward model of ``shape`` with a 16k byte-level BPE tokenizer trained on ``corpus``,
     and a reward manifest with the decoder recipe (eos appended, left truncation at ``max_length``)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -140,7 +140,7 @@ def make_decoder(directory: Path, shape: str, texts: Sequence[str], *, max_lengt
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(texts, trainer=trainer)
+    backend.train_from_iterator(corpus, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>", unk_token="<unk>"
     )
@@ -234,12 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "grpo")
     args = p.parse_args(argv)
 
-    groups = grpo_groups(read_pairs(args.data), args.groups)
+    rows = read_pairs(args.data)
+    groups = grpo_groups(rows, args.groups)
     if not groups:
         p.error(f"no usable preference rows in {args.data}")
     checkpoint = args.checkpoint or REPO / "checkpoints" / f"bench-{args.shape}-random"
     texts = [t for g in groups for t in g]
-    make_decoder(checkpoint, args.shape, texts, max_length=args.max_length)
+    corpus = [row[side] for row in rows for side in ("chosen", "rejected") if isinstance(row.get(side), str)]
+    make_decoder(checkpoint, args.shape, corpus, max_length=args.max_length)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
