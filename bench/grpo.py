@@ -1,7 +1,7 @@
 """``python -m bench.grpo``: a decoder reward model under GRPO-shaped load, the service against vLLM's pooling runner
 with and without its prefix cache, interleaved in one run.
 
-    python -m bench.grpo --data Anthropic/hh-rlhf --shape smollm2-135m --duration-s 30 --repeats 2
+    python -m bench.grpo [--data Anthropic/hh-rlhf | FILE.jsonl] [--shape smollm2-135m] [--duration-s 30] [--repeats 2]
 
 The model is a random-weight sequence classifier of a real shape (speed does not depend on weight values): Llama at
 SmolLM2-135M's shape or Qwen2 at Qwen2.5-0.5B's, with a byte-level BPE tokenizer of 16k trained in-process on the
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -37,9 +38,9 @@ from bench import load as loadgen
 from bench.procstat import describe_machine
 from bench.report import cpu_line
 from bench.servers import PEERS_PYTHON, Server, parse_metrics, service_argv, vllm_argv, vllm_env
+from bench.texts import add_data_arguments, load_rows
 
 REPO = Path(__file__).resolve().parents[1]
-HUB_DATA = "Anthropic/hh-rlhf"
 GROUP = 8
 MARK = "\n\nAssistant:"
 
@@ -87,27 +88,21 @@ PATTERNS = {"group": (16, 1), "text": (64, 0), "4x64": (4, 8)}  # clients, group
 
 
 # -- texts -------------------------------------------------------------------------------------------------------
-def read_pairs(data: str) -> list[dict[str, Any]]:
-    """Preference rows from a local ``.jsonl`` file, or hh-rlhf's harmless-base test split from the hub."""
-    path = Path(data)
-    if path.is_file():
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    from datasets import load_dataset
-
-    return list(load_dataset(data, data_dir="harmless-base", split="test"))
-
-
 def grpo_groups(rows: Sequence[dict[str, Any]], groups: int, seed: int = 0) -> list[list[str]]:
-    """``groups`` lists of 8 texts: a prompt (the transcript up to its last assistant turn) with its own chosen and
-    rejected reply and the chosen replies of 6 other pairs."""
+    """``groups`` lists of 8 texts: a prompt with its own chosen and rejected reply and the chosen replies of 6 other
+    pairs. The prompt is the row's ``prompt`` (TRL's explicit-prompt rows) or, for hh-rlhf transcripts, the
+    transcript up to its last assistant turn."""
     split = []
     for row in rows:
-        chosen, rejected = row.get("chosen"), row.get("rejected")
-        if not isinstance(chosen, str) or not isinstance(rejected, str) or MARK not in chosen:
+        chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+        if not isinstance(chosen, str) or not isinstance(rejected, str):
             continue
-        prompt = chosen[: chosen.rindex(MARK) + len(MARK)]
-        if rejected.startswith(prompt):
-            split.append((prompt, chosen[len(prompt) :], rejected[len(prompt) :]))
+        if isinstance(prompt, str):
+            split.append((prompt, chosen, rejected))
+        elif MARK in chosen:
+            prompt = chosen[: chosen.rindex(MARK) + len(MARK)]
+            if rejected.startswith(prompt):
+                split.append((prompt, chosen[len(prompt) :], rejected[len(prompt) :]))
     random.Random(seed).shuffle(split)
     out = []
     for g, (prompt, chosen, rejected) in enumerate(split[:groups]):
@@ -218,7 +213,7 @@ def _get(url: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.grpo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=HUB_DATA, help="a local .jsonl of hh-rlhf rows, or the hub id (harmless-base)")
+    add_data_arguments(p)
     p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     p.add_argument("--checkpoint", type=Path, help="where the random model is written (default: checkpoints/)")
     p.add_argument("--groups", type=int, default=64, help="prompts, 8 texts each")
@@ -234,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "grpo")
     args = p.parse_args(argv)
 
-    rows = read_pairs(args.data)
+    rows, source = load_rows(args.data, data_dir=args.data_dir, split=args.split)
     groups = grpo_groups(rows, args.groups)
     if not groups:
         p.error(f"no usable preference rows in {args.data}")
@@ -246,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
     eos = tok.eos_token
-    prompt_tokens = [len(tok(g[0][: g[0].rindex(MARK) + len(MARK)])["input_ids"]) for g in groups]
+    prompt_tokens = [len(tok(os.path.commonprefix(g))["input_ids"]) for g in groups]
     text_tokens = [len(tok(t)["input_ids"]) + 1 for t in texts]
 
     names = args.servers.split(",")
@@ -287,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "machine": describe_machine(),
         "shape": args.shape,
+        "data": source,
         "checkpoint": str(checkpoint),
         "texts": len(texts),
         "mean_tokens_per_text": statistics.mean(text_tokens),

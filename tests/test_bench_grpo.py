@@ -1,0 +1,31 @@
+"""``python -m bench.grpo`` on a tiny random decoder against the service alone, so the GRPO benchmark cannot rot:
+every pattern answers without failures, and the service's counters show the shared prompts computed once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.fixtures.commands import REPO, repo_env
+
+pytest.importorskip("fastapi")
+
+
+@pytest.mark.slow  # a server as a subprocess, three load patterns
+def test_grpo_benchmark_runs_every_pattern_and_shares_prompts(tmp_path):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "bench.grpo", "--data", "demo", "--shape", "tiny", "--servers", "service"]
+    argv += ["--groups", "8", "--repeats", "1", "--warmup-s", "0.5", "--duration-s", "2", "--output", str(out)]
+    argv += ["--checkpoint", str(tmp_path / "model")]
+    result = subprocess.run(argv, cwd=REPO, env=repo_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "grpo.json").read_text())
+    assert [r["pattern"] for r in report["runs"]] == ["group", "text", "4x64"]
+    for run in report["runs"]:
+        assert run["texts_per_s"] > 0 and run["failed_requests"] == 0, run
+        counters = run["service_counters"]
+        assert counters["reward_tokens_computed_total"] < counters["reward_tokens_scored_total"], counters
+    assert "service ÷ vLLM" in (out / "grpo.md").read_text()
