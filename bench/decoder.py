@@ -1,0 +1,227 @@
+"""Random-weight decoder reward models of real shapes and GRPO-shaped texts, for timing the decoder paths.
+
+Speed does not depend on weight values, so a decoder is timed as a random model of a real shape (``SHAPES``) with a
+byte-level BPE tokenizer trained in-process on the hh-rlhf transcripts (no download). GRPO-shaped texts
+(:func:`grpo_groups`): each prompt is an hh-rlhf transcript up to its last ``"\\n\\nAssistant:"``, followed by G
+completions: the pair's own chosen and rejected replies and G - 2 replies of other pairs.
+
+    python -m bench.decoder [--shape smollm2-135m] [--groups 4] [--repeats 3]
+
+times, in one process and interleaved (A B C A B C ...), one worker's forward (one thread) on the same groups:
+``onnx-shared`` (the ONNX Runtime decoder graph with past keys and values: each group's prompt once, each
+completion on its own), ``torch-shared`` (the same on torch, completions padded together), ``onnx`` (the ONNX
+Runtime full graph, one text per forward) and ``torch`` (the group padded, every text whole).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.texts import DEFAULT_DATA
+
+SEPARATOR = "\n\nAssistant:"
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # HuggingFaceTB/SmolLM2-135M's config.json
+    "smollm2-135m": {
+        "architecture": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+    },
+    # Qwen/Qwen2.5-0.5B's config.json (biases on the query, key and value projections)
+    "qwen2.5-0.5b": {
+        "architecture": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+    },
+}
+
+
+def transcripts(data: Path = DEFAULT_DATA) -> list[dict[str, str]]:
+    return [json.loads(line) for line in Path(data).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def grpo_groups(
+    data: Path = DEFAULT_DATA, *, groups: int, per_group: int = 8, seed: int = 0
+) -> list[list[dict[str, str]]]:
+    """``groups`` lists of ``per_group`` ``{"text"}`` items sharing a prompt (module docstring)."""
+    rows = []
+    for row in transcripts(data):
+        chosen, rejected = row.get("chosen", ""), row.get("rejected", "")
+        cut = chosen.rfind(SEPARATOR) + len(SEPARATOR)
+        if cut < len(SEPARATOR) or rejected[:cut] != chosen[:cut]:
+            continue
+        rows.append((chosen[:cut], chosen[cut:], rejected[cut:]))
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    replies = [reply for _, chosen, rejected in rows for reply in (chosen, rejected)]
+    out = []
+    for prompt, chosen, rejected in rows[:groups]:
+        others = rng.sample(replies, per_group - 2)
+        out.append([{"text": prompt + reply} for reply in [chosen, rejected, *others]])
+    return out
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 16384):
+    """A byte-level BPE tokenizer trained on ``texts``, ``<s>`` before every text, ``</s>`` as eos (and pad)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=2048
+    )
+
+
+def make_decoder(directory: str | Path, shape: str = "smollm2-135m", *, data: Path = DEFAULT_DATA, seed: int = 0):
+    """A random-weight sequence classifier of ``shape`` with a tokenizer trained on ``data``, saved to ``directory``
+    with a manifest (max_length 2048, left truncation)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification, Qwen2Config, Qwen2ForSequenceClassification
+
+    from training.checkpoint import write_manifest
+    from training.formatting import recipe_for
+
+    directory = Path(directory)
+    spec = dict(SHAPES[shape])
+    architecture = spec.pop("architecture")
+    texts = [side for row in transcripts(data) for side in (row.get("chosen", ""), row.get("rejected", ""))]
+    tokenizer = train_tokenizer(texts)
+    tokenizer.pad_token = tokenizer.eos_token
+    common = {
+        **spec,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 4096,
+        "num_labels": 1,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    torch.manual_seed(seed)
+    if architecture == "llama":
+        model = LlamaForSequenceClassification(LlamaConfig(**common))
+    else:
+        model = Qwen2ForSequenceClassification(Qwen2Config(**common))
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    recipe = recipe_for(tokenizer, max_length=2048, truncation_side="left")
+    write_manifest(
+        directory,
+        {
+            "name": f"random-{shape}-reward",
+            "base_model": f"random weights, {shape} shape (bench.decoder)",
+            "formatting": recipe.to_dict(),
+            "normalization": None,
+            "eval": {},
+            "training": {"data_fingerprint": f"none: random weights, seed {seed}"},
+        },
+    )
+    return directory
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.decoder", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="reuse a folder made by an earlier run")
+    parser.add_argument("--groups", type=int, default=4)
+    parser.add_argument("--per-group", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--paths", default="onnx-shared,torch-shared,onnx,torch")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)  # one inference worker's share on the 2-core default plan
+    from service.shared_forward import PrefixSharingForward
+    from training.checkpoint import forward_scores, load_checkpoint
+
+    folder = args.checkpoint or Path(tempfile.mkdtemp(prefix=f"bench-{args.shape}-"))
+    if not (folder / "config.json").is_file():
+        started = time.perf_counter()
+        make_decoder(folder, args.shape, data=args.data)
+        print(f"built {args.shape} in {time.perf_counter() - started:.0f} s: {folder}", flush=True)
+    checkpoint = load_checkpoint(folder)
+    groups = [
+        [checkpoint.formatter.encode(item).input_ids for item in group]
+        for group in grpo_groups(args.data, groups=args.groups, per_group=args.per_group)
+    ]
+    tokens = sum(len(ids) for group in groups for ids in group)
+    texts = sum(len(group) for group in groups)
+    print(f"{texts} texts in {len(groups)} groups, {tokens / texts:.0f} tokens per text", flush=True)
+
+    shared = PrefixSharingForward(checkpoint, "bench", cache_bytes=0)
+    paths: dict[str, Any] = {
+        "torch-shared": lambda group: shared(group),
+        "torch": lambda group: forward_scores(checkpoint, group),
+    }
+    wanted = args.paths.split(",")
+    if "onnx" in wanted:
+        from service import onnx_session
+
+        started = time.perf_counter()
+        runner = onnx_session.load(checkpoint, "bench", 1)
+        print(f"ONNX graph ready in {time.perf_counter() - started:.0f} s ({runner.graph})", flush=True)
+        paths["onnx"] = runner
+    if "onnx-shared" in wanted:
+        from service.graphs import decoder
+
+        started = time.perf_counter()
+        paths["onnx-shared"] = decoder.load(checkpoint, "bench", 1, cache_bytes=0)
+        print(f"ONNX decoder graph ready in {time.perf_counter() - started:.0f} s", flush=True)
+    reference = [forward_scores(checkpoint, [ids])[0] for ids in groups[0]]
+    for name in wanted:
+        worst = max(abs(a - b) for a, b in zip(paths[name](groups[0]), reference, strict=True))
+        print(f"{name}: first group within {worst:.2g} of each text scored alone", flush=True)
+    timings: dict[str, list[float]] = {name: [] for name in wanted}
+    for _ in range(args.repeats):
+        for name in wanted:
+            started = time.perf_counter()
+            for group in groups:
+                paths[name](group)
+            timings[name].append(texts / (time.perf_counter() - started))
+            print(f"{name}: {timings[name][-1]:.2f} texts/s", flush=True)
+    reference_path = "onnx" if "onnx" in wanted else wanted[-1]  # the forward a decoder got before sharing
+    base = statistics.median(timings[reference_path])
+    for name in wanted:
+        runs = ", ".join(f"{x:.2f}" for x in timings[name])
+        median = statistics.median(timings[name])
+        print(f"{name:13s} median {median:.2f} texts/s ({runs}); {median / base:.2f}x {reference_path}")
+    stats = shared.stats()
+    if stats.tokens_scored:
+        print(f"torch-shared computed {stats.tokens_computed / stats.tokens_scored:.2f} of the tokens scored")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
