@@ -10,7 +10,8 @@ completions: the pair's own chosen and rejected replies and G - 2 replies of oth
 times, in one process and interleaved (A B C A B C ...), one worker's forward (one thread) on the same groups:
 ``onnx-shared`` (the ONNX Runtime decoder graph with past keys and values: each group's prompt once, each
 completion on its own), ``torch-shared`` (the same on torch, completions padded together), ``onnx`` (the ONNX
-Runtime full graph, one text per forward) and ``torch`` (the group padded, every text whole).
+Runtime full graph, one text per forward) and ``torch`` (the group padded, every text whole). ``--unshared``
+regroups the same texts so that nothing is shared.
 """
 
 from __future__ import annotations
@@ -158,6 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--paths", default="onnx-shared,torch-shared,onnx,torch")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument(
+        "--unshared",
+        action="store_true",
+        help="regroup the texts so that no two of a group share a prompt: the cost of the paths when nothing is shared",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -176,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         [checkpoint.formatter.encode(item).input_ids for item in group]
         for group in grpo_groups(args.data, groups=args.groups, per_group=args.per_group)
     ]
+    if args.unshared:  # group k takes the k-th text of every prompt: the same texts, nothing shared
+        groups = [[group[k] for group in groups] for k in range(len(groups[0]))]
     tokens = sum(len(ids) for group in groups for ids in group)
     texts = sum(len(group) for group in groups)
     print(f"{texts} texts in {len(groups)} groups, {tokens / texts:.0f} tokens per text", flush=True)
@@ -203,14 +211,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in wanted:
         worst = max(abs(a - b) for a, b in zip(paths[name](groups[0]), reference, strict=True))
         print(f"{name}: first group within {worst:.2g} of each text scored alone", flush=True)
+    # Interleaved group by group (A B C, then B C A, ...), so that the machine's drift and others' load fall on
+    # every path alike within seconds.
     timings: dict[str, list[float]] = {name: [] for name in wanted}
-    for _ in range(args.repeats):
-        for name in wanted:
-            started = time.perf_counter()
-            for group in groups:
+    for repeat in range(args.repeats):
+        seconds = dict.fromkeys(wanted, 0.0)
+        for index, group in enumerate(groups):
+            shift = (repeat * len(groups) + index) % len(wanted)
+            for name in wanted[shift:] + wanted[:shift]:
+                started = time.perf_counter()
                 paths[name](group)
-            timings[name].append(texts / (time.perf_counter() - started))
-            print(f"{name}: {timings[name][-1]:.2f} texts/s", flush=True)
+                seconds[name] += time.perf_counter() - started
+        for name in wanted:
+            timings[name].append(texts / seconds[name])
+        print("  ".join(f"{name}: {timings[name][-1]:.2f} texts/s" for name in wanted), flush=True)
     reference_path = "onnx" if "onnx" in wanted else wanted[-1]  # the forward a decoder got before sharing
     base = statistics.median(timings[reference_path])
     for name in wanted:

@@ -67,7 +67,8 @@ class ServeSettings(BaseSettings):
         description="what runs the forward pass: torch (transformers, eager), onnx (the model exported to ONNX "
         "Runtime, float32 on a CPU; needs the onnx extra; falls back to torch with a warning when the model cannot "
         "be exported or its exported scores differ), or auto: onnx for a float32 model on a CPU when onnxruntime "
-        "is installed, else torch",
+        "is installed, else torch. Decoders compute shared prompt prefixes once on either (onnx: a graph with past "
+        "keys and values)",
     )
     prefix_cache_mb: int = Field(
         512,

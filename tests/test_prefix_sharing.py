@@ -41,6 +41,22 @@ def checkpoint(decoder_dir: Path):
     return load_checkpoint(decoder_dir)
 
 
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def sharing(request: pytest.FixtureRequest, checkpoint):
+    """Makes the prefix-sharing forward on torch, or on the ONNX decoder graph (exported once per model)."""
+    steps = None
+    if request.param == "onnx":
+        pytest.importorskip("onnxruntime")
+        from service.graphs import decoder
+
+        steps = decoder.load(checkpoint, "test", 1, cache_bytes=0).steps
+
+    def make(cache_bytes: int, model=None) -> PrefixSharingForward:
+        return PrefixSharingForward(model or checkpoint, "v", cache_bytes=cache_bytes, steps=steps)
+
+    return make
+
+
 def encode(checkpoint, texts: list[str]) -> list[list[int]]:
     return [checkpoint.formatter.encode({"text": t}).input_ids for t in texts]
 
@@ -61,10 +77,10 @@ def test_decoders_share_and_encoders_do_not(checkpoint, tiny_reward_checkpoint):
     assert "encoders attend both ways" in unavailable(bert.model)
 
 
-def test_a_group_scores_as_each_text_alone_and_computes_the_prompt_once(checkpoint):
+def test_a_group_scores_as_each_text_alone_and_computes_the_prompt_once(checkpoint, sharing):
     texts = [PROMPT + c for c in COMPLETIONS] + ["hello world", "hello world", PROMPT + COMPLETIONS[0]]
     batch = encode(checkpoint, texts)
-    forward = PrefixSharingForward(checkpoint, "v", cache_bytes=0)
+    forward = sharing(0)
     assert_close(forward(batch), alone(checkpoint, batch))
     stats = forward.stats()
     prompt = len(encode(checkpoint, [PROMPT])[0]) - 1  # less its eos
@@ -75,25 +91,25 @@ def test_a_group_scores_as_each_text_alone_and_computes_the_prompt_once(checkpoi
     assert stats.cache_hits == 0  # the cache is off
 
 
-def test_a_text_that_is_a_prefix_of_its_siblings_and_eos_endings(checkpoint):
+def test_a_text_that_is_a_prefix_of_its_siblings_and_eos_endings(checkpoint, sharing):
     eos = checkpoint.formatter.recipe.eos_token_id
     base = encode(checkpoint, [PROMPT + COMPLETIONS[3]])[0]
     batch = [base, base[:-1], base[:-4], base[:-4] + [eos, eos], [eos, eos], [*base[:20], eos, *base[20:]]]
     assert read_length(base, eos) == len(base) - 1  # pad is eos: the head reads the token before it
-    forward = PrefixSharingForward(checkpoint, "v", cache_bytes=0)
+    forward = sharing(0)
     assert_close(forward(batch), alone(checkpoint, batch))
 
 
-def test_sharing_is_decided_on_the_ids_after_left_truncation(decoder_dir):
+def test_sharing_is_decided_on_the_ids_after_left_truncation(decoder_dir, sharing):
     short = load_checkpoint(decoder_dir, max_length=24, truncation_side="left")
     encoded = [short.formatter.encode({"text": PROMPT + c}) for c in COMPLETIONS]
     assert all(e.truncated for e in encoded)
     batch = [e.input_ids for e in encoded]
-    forward = PrefixSharingForward(short, "v", cache_bytes=1 << 20)
+    forward = sharing(1 << 20, short)
     assert_close(forward(batch), alone(short, batch))
 
 
-def test_messages_items_share_their_common_prefix(checkpoint):
+def test_messages_items_share_their_common_prefix(checkpoint, sharing):
     history = [
         {"role": "user", "content": "what is a good answer to a rude reply from a dog in the city?"},
         {"role": "assistant", "content": "a good answer is helpful polite and on topic"},
@@ -101,16 +117,15 @@ def test_messages_items_share_their_common_prefix(checkpoint):
     ]
     items = [{"messages": [*history, {"role": "assistant", "content": c}]} for c in COMPLETIONS]
     batch = [checkpoint.formatter.encode(item).input_ids for item in items]
-    forward = PrefixSharingForward(checkpoint, "v", cache_bytes=0)
+    forward = sharing(0)
     assert_close(forward(batch), alone(checkpoint, batch))
     stats = forward.stats()
     assert stats.tokens_computed < 0.6 * stats.tokens_scored
 
 
-def test_the_prefix_cache_serves_a_sibling_sent_later_with_the_same_score(checkpoint):
+def test_the_prefix_cache_serves_a_sibling_sent_later_with_the_same_score(checkpoint, sharing):
     first, second, third = encode(checkpoint, [PROMPT + c for c in COMPLETIONS[:3]])
-    cached = PrefixSharingForward(checkpoint, "v", cache_bytes=1 << 20)
-    uncached = PrefixSharingForward(checkpoint, "v", cache_bytes=0)
+    cached, uncached = sharing(1 << 20), sharing(0)
     scores = [cached([ids])[0] for ids in (first, second, third)]  # one text per request
     assert cached.stats().cache_hits == 2
     assert_close(scores, [uncached([ids])[0] for ids in (first, second, third)])
@@ -127,11 +142,11 @@ def _kv_bytes(checkpoint, tokens: int) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * 4
 
 
-def test_a_cache_under_pressure_evicts_and_stays_within_its_size(checkpoint):
+def test_a_cache_under_pressure_evicts_and_stays_within_its_size(checkpoint, sharing):
     prompts = [f"{word} {word} {word} {word}{PROMPT}" for word in ("red", "green", "blue", "yellow", "black")]
     batch = encode(checkpoint, [p + COMPLETIONS[0] for p in prompts])
     capacity = int(_kv_bytes(checkpoint, len(batch[0])) * 1.5)  # about one text's keys and values
-    forward = PrefixSharingForward(checkpoint, "v", cache_bytes=capacity)
+    forward = sharing(capacity)
     scores = [forward([ids])[0] for ids in batch]
     stats = forward.stats()
     assert stats.cache_evictions >= len(batch) - 2
@@ -165,10 +180,10 @@ def test_prefix_cache_finds_the_longest_shared_prefix_and_evicts_least_recently_
     assert PrefixCache(0).lookup(long, min_shared=16) == (None, 0)
 
 
-def test_cancelling_one_member_of_a_group_leaves_the_others_exact(checkpoint):
+def test_cancelling_one_member_of_a_group_leaves_the_others_exact(checkpoint, sharing):
     from service.batching import Batcher, BatchLimits
 
-    forward = PrefixSharingForward(checkpoint, "v", cache_bytes=0)
+    forward = sharing(0)
     gate = threading.Event()
     batches: list[list[list[int]]] = []
 
@@ -199,11 +214,16 @@ def test_cancelling_one_member_of_a_group_leaves_the_others_exact(checkpoint):
     assert batch[1] not in [ids for b in batches for ids in b]  # the cancelled member was never computed
 
 
-def test_the_service_shows_sharing_in_info_and_metrics(decoder_dir):
-    settings = make_settings(decoder_dir, device="cpu", backend="auto", inference_workers=1, max_wait_ms=50)
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_the_service_shows_sharing_in_info_and_metrics(decoder_dir, backend):
+    if backend == "auto":
+        pytest.importorskip("onnxruntime")
+    settings = make_settings(decoder_dir, device="cpu", backend=backend, inference_workers=1, max_wait_ms=50)
     with ThreadedServer(settings) as server, httpx.Client(base_url=server.url, timeout=60) as client:
         info = client.get("/info").json()
-        assert info["batching"]["forward"] == "torch"
+        # auto on a CPU: the ONNX decoder graph with past keys and values
+        assert info["batching"]["forward"] == ("torch" if backend == "torch" else "onnx")
+        assert info["batching"]["graph"] == (None if backend == "torch" else "decoder-kv")
         assert info["batching"]["prefix_sharing"] == "in each forward and across requests"
         assert info["batching"]["prefix_cache"] == "512 MiB"
         texts = [PROMPT + c for c in COMPLETIONS]
