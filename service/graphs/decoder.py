@@ -47,7 +47,13 @@ def reward_graph(model: Any, label_index: int) -> Any:
     """The torch module exported as the decoder graph (module docstring)."""
     import torch
 
+    from service.graphs.base import require
+
     base = getattr(model, model.base_model_prefix)
+    require(base, "embed_tokens", "rotary_emb", "layers", "norm", graph=GRAPH)
+    for path in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling"):
+        require(base.layers[0].self_attn, path, graph=GRAPH)
+    require(base.layers[0], "input_layernorm", "post_attention_layernorm", "mlp", graph=GRAPH)
     config = model.config.get_text_config()
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     size = getattr(config, "head_dim", None) or config.hidden_size // heads
