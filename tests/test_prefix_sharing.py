@@ -9,11 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import ThreadedServer, make_settings, metric_value
 
 from bench.tiny import make_tiny_decoder
 from service.prefix import PrefixCache, plan_groups, read_length
 from service.shared_forward import PrefixSharingForward, unavailable
+from tests.fixtures.servers import ThreadedServer, make_settings, metric_value
 from training.checkpoint import forward_scores, load_checkpoint
 
 TOLERANCE = 1e-5  # the service's tolerance for the same text in another request shape
