@@ -1,11 +1,11 @@
 """Random-weight decoder reward models of real shapes and GRPO-shaped texts, for timing the decoder paths.
 
 Speed does not depend on weight values, so a decoder is timed as a random model of a real shape (``SHAPES``) with a
-byte-level BPE tokenizer trained in-process on the hh-rlhf transcripts (no download). GRPO-shaped texts
+byte-level BPE tokenizer trained in-process on the preference data's transcripts. GRPO-shaped texts
 (:func:`grpo_groups`): each prompt is an hh-rlhf transcript up to its last ``"\\n\\nAssistant:"``, followed by G
 completions: the pair's own chosen and rejected replies and G - 2 replies of other pairs.
 
-    python -m bench.decoder [--shape smollm2-135m] [--groups 4] [--repeats 3]
+    python -m bench.decoder [--data hh-rlhf.jsonl] [--shape smollm2-135m] [--groups 4] [--repeats 3]
 
 times, in one process and interleaved (A B C A B C ...), one worker's forward (one thread) on the same groups:
 ``onnx-shared`` (the ONNX Runtime decoder graph with past keys and values: each group's prompt once, each
@@ -17,7 +17,6 @@ regroups the same texts so that nothing is shared.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import tempfile
@@ -26,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.texts import DEFAULT_DATA
+from bench.texts import add_data_arguments, load_rows
 
 SEPARATOR = "\n\nAssistant:"
 
@@ -56,26 +55,23 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def transcripts(data: Path = DEFAULT_DATA) -> list[dict[str, str]]:
-    return [json.loads(line) for line in Path(data).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def grpo_groups(
-    data: Path = DEFAULT_DATA, *, groups: int, per_group: int = 8, seed: int = 0
-) -> list[list[dict[str, str]]]:
-    """``groups`` lists of ``per_group`` ``{"text"}`` items sharing a prompt (module docstring)."""
-    rows = []
-    for row in transcripts(data):
-        chosen, rejected = row.get("chosen", ""), row.get("rejected", "")
+def grpo_groups(rows: Sequence[dict[str, Any]], *, groups: int, per_group: int = 8, seed: int = 0) -> list[list[dict]]:
+    """``groups`` lists of ``per_group`` ``{"text"}`` items sharing a prompt, from preference ``rows`` whose chosen
+    and rejected transcripts share everything up to the last ``"\\n\\nAssistant:"`` (module docstring)."""
+    prompts = []
+    for row in rows:
+        chosen, rejected = row.get("chosen"), row.get("rejected")
+        if not isinstance(chosen, str) or not isinstance(rejected, str):
+            continue
         cut = chosen.rfind(SEPARATOR) + len(SEPARATOR)
         if cut < len(SEPARATOR) or rejected[:cut] != chosen[:cut]:
             continue
-        rows.append((chosen[:cut], chosen[cut:], rejected[cut:]))
+        prompts.append((chosen[:cut], chosen[cut:], rejected[cut:]))
     rng = random.Random(seed)
-    rng.shuffle(rows)
-    replies = [reply for _, chosen, rejected in rows for reply in (chosen, rejected)]
+    rng.shuffle(prompts)
+    replies = [reply for _, chosen, rejected in prompts for reply in (chosen, rejected)]
     out = []
-    for prompt, chosen, rejected in rows[:groups]:
+    for prompt, chosen, rejected in prompts[:groups]:
         others = rng.sample(replies, per_group - 2)
         out.append([{"text": prompt + reply} for reply in [chosen, rejected, *others]])
     return out
@@ -103,9 +99,9 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 16384):
     )
 
 
-def make_decoder(directory: str | Path, shape: str = "smollm2-135m", *, data: Path = DEFAULT_DATA, seed: int = 0):
-    """A random-weight sequence classifier of ``shape`` with a tokenizer trained on ``data``, saved to ``directory``
-    with a manifest (max_length 2048, left truncation)."""
+def make_decoder(directory: str | Path, shape: str, rows: Sequence[dict[str, Any]], *, seed: int = 0) -> Path:
+    """A random-weight sequence classifier of ``shape`` with a tokenizer trained on the transcripts of ``rows``,
+    saved to ``directory`` with a manifest (max_length 2048, left truncation)."""
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification, Qwen2Config, Qwen2ForSequenceClassification
 
@@ -115,7 +111,7 @@ def make_decoder(directory: str | Path, shape: str = "smollm2-135m", *, data: Pa
     directory = Path(directory)
     spec = dict(SHAPES[shape])
     architecture = spec.pop("architecture")
-    texts = [side for row in transcripts(data) for side in (row.get("chosen", ""), row.get("rejected", ""))]
+    texts = [side for row in rows for side in (row.get("chosen"), row.get("rejected")) if isinstance(side, str)]
     tokenizer = train_tokenizer(texts)
     tokenizer.pad_token = tokenizer.eos_token
     common = {
@@ -158,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-group", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--paths", default="onnx-shared,torch-shared,onnx,torch")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    add_data_arguments(parser)
     parser.add_argument(
         "--unshared",
         action="store_true",
@@ -172,15 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from service.shared_forward import PrefixSharingForward
     from training.checkpoint import forward_scores, load_checkpoint
 
+    rows, source = load_rows(args.data, data_dir=args.data_dir, split=args.split)
+    print(f"texts from {source}", flush=True)
     folder = args.checkpoint or Path(tempfile.mkdtemp(prefix=f"bench-{args.shape}-"))
     if not (folder / "config.json").is_file():
         started = time.perf_counter()
-        make_decoder(folder, args.shape, data=args.data)
+        make_decoder(folder, args.shape, rows)
         print(f"built {args.shape} in {time.perf_counter() - started:.0f} s: {folder}", flush=True)
     checkpoint = load_checkpoint(folder)
     groups = [
         [checkpoint.formatter.encode(item).input_ids for item in group]
-        for group in grpo_groups(args.data, groups=args.groups, per_group=args.per_group)
+        for group in grpo_groups(rows, groups=args.groups, per_group=args.per_group)
     ]
     if args.unshared:  # group k takes the k-th text of every prompt: the same texts, nothing shared
         groups = [[group[k] for group in groups] for k in range(len(groups[0]))]

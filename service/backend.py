@@ -137,9 +137,9 @@ class CheckpointBackend:
     def forward(self, batch: list[list[int]]) -> list[float]:
         from training.checkpoint import forward_scores
 
-        if self.runner is not None:
-            return self.runner(batch)
         try:
+            if self.runner is not None:
+                return self.runner(batch)
             return forward_scores(self.checkpoint, batch)
         except RuntimeError as exc:
             if _is_out_of_memory(exc):

@@ -48,6 +48,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from service.prefix import common_prefix
+
 logger = logging.getLogger("reward.batching")
 
 Forward = Callable[[list[list[int]]], list[float]]
@@ -236,14 +238,6 @@ def select_batch(waiting: Sequence[Waiting], limits: BatchLimits) -> list[int]:
     return by_length[lo : hi + 1]
 
 
-def _shared_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def select_groups(waiting: Sequence[Waiting], live: list[int], limits: BatchLimits) -> list[int] | None:
     """Whole prefix groups, oldest first: the oldest live item and its siblings (live items whose first
     ``group_prefix_tokens`` token ids equal its own, wherever they wait), then the next oldest item left (among the
@@ -286,7 +280,7 @@ def select_groups(waiting: Sequence[Waiting], live: list[int], limits: BatchLimi
         ids = waiting[i].ids
         prefix, longest, cost = len(ids) - 1, len(ids), len(ids)  # the group's shared prefix, longest item, cost
         for j in family[1:]:
-            shared = min(prefix, _shared_length(ids, waiting[j].ids), waiting[j].length - 1)
+            shared = min(prefix, common_prefix(ids, waiting[j].ids), waiting[j].length - 1)
             wider = max(longest, waiting[j].length)
             more = shared + (wider - shared) * (len(members) + 1)
             if len(chosen) + len(members) >= limits.max_batch_size or not fits(more, alone):

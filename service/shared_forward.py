@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.batching import BatchTooLarge
 from service.prefix import BLOCK_TOKENS, CacheEntry, PrefixCache, plan_groups, read_length
 
 # A group's extra forward, in tokens: grouping items that share less than this saves nothing measurable.
@@ -187,14 +186,8 @@ class PrefixSharingForward:
 
     # -- the forward ---------------------------------------------------------------------------------------
     def __call__(self, batch: Sequence[Sequence[int]]) -> list[float]:
-        try:
-            with self.steps.context():
-                return self._forward(batch)
-        except RuntimeError as exc:
-            if exc.__class__.__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
-                _release_cached_memory()
-                raise BatchTooLarge(str(exc)) from exc
-            raise
+        with self.steps.context():
+            return self._forward(batch)
 
     def _forward(self, batch: Sequence[Sequence[int]]) -> list[float]:
         read = [tuple(ids[: read_length(ids, self.pad_token_id)]) for ids in batch]
@@ -266,16 +259,6 @@ class PrefixSharingForward:
             if len(ids) > self.min_shared:
                 self.cache.put(ids, (kv, True), self.steps.nbytes(kv))
         return sum(len(ids) for ids in items)
-
-
-def _release_cached_memory() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # best effort
-        pass
 
 
 def _dynamic_cache(kv: list[tuple[Any, Any]]) -> Any:

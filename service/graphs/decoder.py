@@ -17,8 +17,6 @@ and key norms), from the model's own modules, and checked against torch before u
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -150,49 +148,31 @@ def kv_shape(model: Any, batch: int, past: int) -> tuple[int, ...]:
 def export(checkpoint: Any, path: Path) -> Path:
     import torch
 
+    from service.onnx_session import write_graph
+
     model = checkpoint.model
-    wrapper = reward_graph(model, checkpoint.label_index)
-    batch, past, new = 2, 3, 4
-    inputs = (
-        torch.randint(3, 50, (batch, new)),
-        torch.arange(past, past + new),
-        torch.from_numpy(causal_mask(past, new)),
-        torch.zeros(kv_shape(model, batch, past)),
-        torch.zeros(kv_shape(model, batch, past)),
-        torch.tensor([new - 1, 1]),
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.onnx")
-    os.close(fd)
-    names = ["input_ids", "positions", "mask", "past_keys", "past_values", "last"]
+    batch, past, new = 2, 3, 4  # traced with a past and two rows, so that neither is fixed in the graph
+    inputs = {
+        "input_ids": torch.randint(3, 50, (batch, new)),
+        "positions": torch.arange(past, past + new),
+        "mask": torch.from_numpy(causal_mask(past, new)),
+        "past_keys": torch.zeros(kv_shape(model, batch, past)),
+        "past_values": torch.zeros(kv_shape(model, batch, past)),
+        "last": torch.tensor([new - 1, 1]),
+    }
     kv_axes = {1: "batch", 3: "past"}
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            torch.onnx.export(
-                wrapper,
-                inputs,
-                tmp,
-                input_names=names,
-                output_names=["reward", "keys", "values"],
-                dynamic_axes={
-                    "input_ids": {0: "batch", 1: "new"},
-                    "positions": {0: "new"},
-                    "mask": {0: "new", 1: "total"},
-                    "past_keys": kv_axes,
-                    "past_values": kv_axes,
-                    "last": {0: "batch"},
-                    "reward": {0: "batch"},
-                    "keys": {1: "batch", 3: "total"},
-                    "values": {1: "batch", 3: "total"},
-                },
-                opset_version=18,
-                dynamo=False,
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    axes = {
+        "input_ids": {0: "batch", 1: "new"},
+        "positions": {0: "new"},
+        "mask": {0: "new", 1: "total"},
+        "past_keys": kv_axes,
+        "past_values": kv_axes,
+        "last": {0: "batch"},
+        "reward": {0: "batch"},
+        "keys": {1: "batch", 3: "total"},
+        "values": {1: "batch", 3: "total"},
+    }
+    return write_graph(reward_graph(model, checkpoint.label_index), inputs, ["reward", "keys", "values"], axes, path)
 
 
 class OnnxSteps:
@@ -205,20 +185,9 @@ class OnnxSteps:
     def __init__(self, path: Path, model: Any, threads: int):
         import numpy as np
 
-        from service.onnx_session import OnnxUnavailable
+        from service.onnx_session import cpu_session
 
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise OnnxUnavailable("onnxruntime is not installed (pip install 'reward-service[onnx]')") from exc
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads > 1:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads)
         self.path = path
         self.graph = GRAPH
         self.empty = np.zeros(kv_shape(model, 1, 0), dtype=np.float32)
