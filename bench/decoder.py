@@ -200,10 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ONNX graph ready in {time.perf_counter() - started:.0f} s ({runner.graph})", flush=True)
         paths["onnx"] = runner
     if "onnx-shared" in wanted:
-        from service.graphs import decoder
+        from service import decoder_session
 
         started = time.perf_counter()
-        paths["onnx-shared"] = decoder.load(checkpoint, "bench", 1, cache_bytes=0)
+        paths["onnx-shared"] = decoder_session.load(checkpoint, "bench", 1, cache_bytes=0)
         print(f"ONNX decoder graph ready in {time.perf_counter() - started:.0f} s", flush=True)
     reference = [forward_scores(checkpoint, [ids])[0] for ids in groups[0]]
     for name in wanted:

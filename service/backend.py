@@ -176,15 +176,15 @@ def choose_runner(checkpoint: Any, version: str, backend: str, prefix_cache_mb: 
     not_shared = shared_forward.unavailable(checkpoint.model)
     onnx_applies = backend == "onnx" or onnx_session.unavailable_reason(checkpoint.model) is None
     if not_shared is None and backend != "torch" and onnx_applies:
-        from service.graphs import decoder
+        from service import decoder_session
 
         try:
-            runner = decoder.load(checkpoint, version, max(1, torch.get_num_threads()), cache_bytes=cache_bytes)
+            runner = decoder_session.load(checkpoint, version, max(1, torch.get_num_threads()), cache_bytes=cache_bytes)
         except onnx_session.OnnxUnavailable as exc:
             logger.warning("ONNX Runtime decoder graph unavailable, scoring with torch instead: %s", exc)
             fallback = shared_forward.PrefixSharingForward(checkpoint, version, cache_bytes=cache_bytes)
             return fallback, {"backend": "torch", "fallback": str(exc), **fallback.describe()}
-        extra = {"backend": "onnx", "onnx_path": str(runner.steps.path), "onnx_graph": decoder.GRAPH}
+        extra = {"backend": "onnx", "onnx_path": str(runner.steps.path), "onnx_graph": decoder_session.GRAPH}
         return runner, {**extra, **runner.describe()}
     if backend == "torch" or (backend == "auto" and not_shared is None):
         if not_shared is not None:

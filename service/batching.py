@@ -244,8 +244,7 @@ def select_groups(waiting: Sequence[Waiting], live: list[int], limits: BatchLimi
     ``window_items`` oldest, with a window) and its siblings, ... while the
     batch's cost fits ``max_batch_tokens`` and its count ``max_batch_size`` (a group that does not fit whole is cut,
     and ends the batch). A group's cost is its common prefix once plus its longest suffix times its count; items
-    without siblings are padded together. None when the oldest item has no sibling (then length rules apply).
-    The result is in age order."""
+    without siblings are padded together. None when the oldest item has no sibling; else indices in age order."""
     width = limits.group_prefix_tokens
     window = live[: limits.window_items] if limits.window_items else live
 

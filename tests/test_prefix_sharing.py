@@ -47,9 +47,9 @@ def sharing(request: pytest.FixtureRequest, checkpoint):
     steps = None
     if request.param == "onnx":
         pytest.importorskip("onnxruntime")
-        from service.graphs import decoder
+        from service import decoder_session
 
-        steps = decoder.load(checkpoint, "test", 1, cache_bytes=0).steps
+        steps = decoder_session.load(checkpoint, "test", 1, cache_bytes=0).steps
 
     def make(cache_bytes: int, model=None) -> PrefixSharingForward:
         return PrefixSharingForward(model or checkpoint, "v", cache_bytes=cache_bytes, steps=steps)
