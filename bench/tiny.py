@@ -200,3 +200,53 @@ def make_tiny_llama(directory: str | Path, *, seed: int = 0, chat_template: str 
 def make_tiny_checkpoint(directory: str | Path, *, max_length: int = 128, seed: int = 0) -> Path:
     """The smoke run's reward checkpoint: :func:`make_tiny_bert` with a manifest (normalization 0/1)."""
     return make_tiny_bert(directory, seed=seed, max_length=max_length, manifest={"name": "bench-tiny-random-bert"})
+
+
+def make_tiny_decoder(
+    directory: str | Path,
+    *,
+    architecture: str = "llama",
+    seed: int = 0,
+    layers: int = 2,
+    chat_template: str | None = LLAMA_CHAT_TEMPLATE,
+) -> Path:
+    """A random 2-layer Llama or Qwen3 sequence classifier with biases on its projections and every norm's weights
+    (Qwen3's query/key norms too) drawn at random rather than left at one, so that a path that drops a bias or a norm
+    gives different scores; the tokenizer is :func:`make_llama_tokenizer`'s (pad-less: eos pads)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification, Qwen3Config, Qwen3ForSequenceClassification
+
+    directory = Path(directory)
+    tokenizer = make_llama_tokenizer(chat_template=chat_template)
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "num_labels": 1,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": None,
+        "tie_word_embeddings": False,
+        "initializer_range": INIT_RANGE,
+        "attention_bias": True,
+    }
+    torch.manual_seed(seed)
+    if architecture == "llama":
+        model = LlamaForSequenceClassification(LlamaConfig(**common, mlp_bias=True))
+    elif architecture == "qwen3":
+        model = Qwen3ForSequenceClassification(Qwen3Config(**common, head_dim=8))
+    else:
+        raise ValueError(f"architecture must be llama or qwen3, not {architecture!r}")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, INIT_RANGE)
+            elif "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -76,6 +76,11 @@ class CheckpointBackend:
         """Whether a batch is padded to its longest text (torch) or each text computed alone (ONNX Runtime)."""
         return getattr(self.runner, "pads_batches", True)
 
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether items sharing a prompt prefix compute it once when they are in one forward."""
+        return getattr(self.runner, "shares_prefixes", False)
+
     @classmethod
     def load(
         cls,
@@ -87,10 +92,13 @@ class CheckpointBackend:
         max_length: int | None = None,
         truncation_side: str | None = None,
         backend: Backend = "torch",
+        prefix_cache_mb: int = 0,
     ) -> CheckpointBackend:
         """Load ``path``. ``backend``: ``torch`` runs transformers in eager mode; ``onnx`` runs the model exported to
         ONNX Runtime (float32 on a CPU), falling back to torch with a warning when it cannot; ``auto`` is ``onnx``
-        where that is faster (a float32 model on a CPU, with onnxruntime installed) and ``torch`` elsewhere."""
+        where that is faster (a float32 encoder on a CPU, with onnxruntime installed) and ``torch`` elsewhere.
+        A causal (decoder) model on torch computes shared prompt prefixes once (:mod:`service.shared_forward`),
+        keeping up to ``prefix_cache_mb`` MiB of computed prefixes for later requests."""
         from training.checkpoint import load_checkpoint, resolve_device
 
         checkpoint = load_checkpoint(
@@ -105,7 +113,7 @@ class CheckpointBackend:
             logger.warning("--max-length/--truncation-side are ignored: %s has a manifest, served as trained", path)
         model = checkpoint.model
         version = model_version(Path(path), checkpoint.manifest)
-        runner, extra = choose_runner(checkpoint, version, backend)
+        runner, extra = choose_runner(checkpoint, version, backend, prefix_cache_mb)
         recipe = checkpoint.formatter.recipe.to_dict()
         id2label = getattr(model.config, "id2label", {}) or {}
         label_name = id2label.get(checkpoint.label_index, id2label.get(str(checkpoint.label_index)))
@@ -129,9 +137,9 @@ class CheckpointBackend:
     def forward(self, batch: list[list[int]]) -> list[float]:
         from training.checkpoint import forward_scores
 
-        if self.runner is not None:
-            return self.runner(batch)
         try:
+            if self.runner is not None:
+                return self.runner(batch)
             return forward_scores(self.checkpoint, batch)
         except RuntimeError as exc:
             if _is_out_of_memory(exc):
@@ -146,22 +154,43 @@ class CheckpointBackend:
         self.forward([ids, ids[: max(1, len(ids) // 2)]])
 
 
-def choose_runner(checkpoint: Any, version: str, backend: str) -> tuple[Any, dict[str, Any]]:
-    """The ONNX Runtime forward when ``backend`` asks for it and it can be had, else None (torch); and what was chosen,
-    for /info. The thread that loads runs as each inference worker will (``ThreadPlan.apply``), so the session takes
-    torch's thread count of this thread.
+def choose_runner(checkpoint: Any, version: str, backend: str, prefix_cache_mb: int = 0) -> tuple[Any, dict[str, Any]]:
+    """The forward for ``backend`` and what was chosen, for /info. The thread that loads runs as each inference
+    worker will (``ThreadPlan.apply``), so a session takes torch's thread count of this thread.
+
+    A causal (decoder) model computes shared prompt prefixes once (:mod:`service.shared_forward`, keeping up to
+    ``prefix_cache_mb`` MiB of computed prefixes): through the ONNX decoder graph (:mod:`service.graphs.decoder`)
+    for ``onnx``, and for ``auto`` where ONNX Runtime applies (a float32 model on a CPU), else through torch. Any
+    other model: the ONNX Runtime forward when asked for and it can be had, else None (transformers' own forward).
 
     Where ONNX Runtime is tried and the model's architecture has a fast graph (:mod:`service.graphs`) that it does
     not get, ``fast_graph_missing`` says which and why (also in /info and the ``reward_fast_graph_missing`` metric),
     and the log has a warning."""
-    if backend == "torch":
-        return None, {"backend": "torch"}
-    if backend not in ("onnx", "auto"):
+    if backend not in ("torch", "onnx", "auto"):
         raise ValueError(f"backend must be torch, onnx or auto, not {backend!r}")
     import torch
 
-    from service import graphs, onnx_session
+    from service import graphs, onnx_session, shared_forward
 
+    cache_bytes = prefix_cache_mb * 2**20
+    not_shared = shared_forward.unavailable(checkpoint.model)
+    onnx_applies = backend == "onnx" or onnx_session.unavailable_reason(checkpoint.model) is None
+    if not_shared is None and backend != "torch" and onnx_applies:
+        from service import decoder_session
+
+        try:
+            runner = decoder_session.load(checkpoint, version, max(1, torch.get_num_threads()), cache_bytes=cache_bytes)
+        except onnx_session.OnnxUnavailable as exc:
+            logger.warning("ONNX Runtime decoder graph unavailable, scoring with torch instead: %s", exc)
+            fallback = shared_forward.PrefixSharingForward(checkpoint, version, cache_bytes=cache_bytes)
+            return fallback, {"backend": "torch", "fallback": str(exc), **fallback.describe()}
+        extra = {"backend": "onnx", "onnx_path": str(runner.steps.path), "onnx_graph": decoder_session.GRAPH}
+        return runner, {**extra, **runner.describe()}
+    if backend == "torch" or (backend == "auto" and not_shared is None):
+        if not_shared is not None:
+            return None, {"backend": "torch", "prefix_sharing": f"off: {not_shared}"}
+        runner = shared_forward.PrefixSharingForward(checkpoint, version, cache_bytes=cache_bytes)
+        return runner, {"backend": "torch", **runner.describe()}
     if backend == "auto" and onnx_session.unavailable_reason(checkpoint.model) is not None:
         return None, {"backend": "torch"}  # auto: onnx only where it applies and is installed, silently torch otherwise
     try:

@@ -21,6 +21,11 @@ How a batch is formed:
 - with ``window_items`` set, the neighbours are chosen among the ``window_items`` oldest waiting items only: an item
   is then overtaken by at most that many later arrivals, which bounds the latency tail under many one-text clients
   (each chosen by length from the whole queue, an item of an uncommon length waits until it is the oldest of all);
+- with ``group_prefix_tokens`` set (a decoder backend that computes shared prompt prefixes once), an oldest item
+  with prefix siblings waiting (items sharing at least that many leading tokens with it: the rest of its GRPO
+  group) is taken with them, then the next oldest item with its own siblings, and so on while the batch's cost
+  (each group's prefix once plus its members' padded suffixes, the rest padded together) stays within
+  ``max_batch_tokens``; an oldest item without siblings is batched by length as above;
 - when the queue is short, the worker waits up to ``max_wait`` (counted from the oldest item's arrival) for more;
   while a batch runs, the next one fills;
 - items of a request that is gone (its future cancelled: timeout, client disconnect) are skipped, never computed.
@@ -43,6 +48,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from service.prefix import common_prefix
+
 logger = logging.getLogger("reward.batching")
 
 Forward = Callable[[list[list[int]]], list[float]]
@@ -58,6 +65,19 @@ class QueueFull(BatchingError):
 
     def __init__(self, queued_tokens: int, limit: int, retry_after_s: int):
         super().__init__(f"the queue is full ({queued_tokens} of {limit} tokens waiting); retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class WouldTimeOut(QueueFull):
+    """At the measured speed, the tokens queued ahead and the request's own would not be scored by its deadline:
+    refused at once (429 + Retry-After) rather than accepted, computed in part and answered with a 504."""
+
+    def __init__(self, wait_s: float, budget_s: float, retry_after_s: int):
+        BatchingError.__init__(
+            self,
+            f"the queue would take about {wait_s:.0f} s to score this request, more than the {budget_s:.0f} s left "
+            f"before its timeout; retry in {retry_after_s} s",
+        )
         self.retry_after_s = retry_after_s
 
 
@@ -93,6 +113,7 @@ class BatchLimits:
     max_queue_tokens: int = 262_144
     overhead_tokens: int = 0  # a forward's fixed cost in tokens: a batch stops growing when padding costs more
     window_items: int = 0  # neighbours come from this many oldest waiting items; 0: from all of them
+    group_prefix_tokens: int = 0  # items sharing this many leading tokens go together (prefix sharing); 0: off
 
 
 @dataclass(frozen=True)
@@ -164,6 +185,9 @@ class Waiting(Protocol):
     @property
     def abandoned(self) -> bool: ...
 
+    @property
+    def ids(self) -> Sequence[int]: ...  # read only with ``group_prefix_tokens``
+
 
 def select_batch(waiting: Sequence[Waiting], limits: BatchLimits) -> list[int]:
     """The next batch: indices into ``waiting`` (oldest first), ordered by length. Empty when nothing is live.
@@ -171,12 +195,18 @@ def select_batch(waiting: Sequence[Waiting], limits: BatchLimits) -> list[int]:
     The oldest live item is always in it; around it, in the live items sorted by (length, age), the neighbour that
     adds the least padding is taken first, while ``longest x count <= max_batch_tokens``, ``count <=
     max_batch_size`` and, with ``overhead_tokens``, each addition raises ``real / (overhead + padded)`` tokens.
-    With ``window_items``, the neighbours come from that many oldest live items only. Abandoned items are never
-    chosen. A pure function of its arguments: no clock, no lock, no state.
+    With ``window_items``, the neighbours come from that many oldest live items only. With ``group_prefix_tokens``
+    and prefix siblings of the oldest item waiting, whole groups are taken instead, oldest first (see
+    :func:`select_groups`). Abandoned items are never chosen. A pure function of its arguments: no clock, no lock,
+    no state.
     """
     live = [i for i, item in enumerate(waiting) if not item.abandoned]
     if not live:
         return []
+    if limits.group_prefix_tokens > 0:
+        grouped = select_groups(waiting, live, limits)
+        if grouped is not None:
+            return grouped
     oldest = live[0]
     window = limits.window_items  # with a window, neighbours come from the oldest live items only
     by_length = sorted(live[:window] if window else live, key=lambda i: (waiting[i].length, i))
@@ -206,6 +236,67 @@ def select_batch(waiting: Sequence[Waiting], limits: BatchLimits) -> list[int]:
         real += added
         count += 1
     return by_length[lo : hi + 1]
+
+
+def select_groups(waiting: Sequence[Waiting], live: list[int], limits: BatchLimits) -> list[int] | None:
+    """Whole prefix groups, oldest first: the oldest live item and its siblings (live items whose first
+    ``group_prefix_tokens`` token ids equal its own, wherever they wait), then the next oldest item left (among the
+    ``window_items`` oldest, with a window) and its siblings, ... while the
+    batch's cost fits ``max_batch_tokens`` and its count ``max_batch_size`` (a group that does not fit whole is cut,
+    and ends the batch). A group's cost is its common prefix once plus its longest suffix times its count; items
+    without siblings are padded together. None when the oldest item has no sibling; else indices in age order."""
+    width = limits.group_prefix_tokens
+    window = live[: limits.window_items] if limits.window_items else live
+
+    def family_key(i: int) -> tuple[int, ...] | None:
+        ids = waiting[i].ids
+        return tuple(ids[:width]) if len(ids) > width else None  # a sibling needs a token after the shared part
+
+    families: dict[tuple[int, ...], list[int]] = {}
+    for i in live:  # siblings come from the whole queue: they overtake others only to share a prefix
+        key = family_key(i)
+        if key is not None:
+            families.setdefault(key, []).append(i)
+    head = family_key(live[0])
+    if head is None or len(families[head]) < 2:
+        return None
+
+    chosen: list[int] = []
+    taken: set[int] = set()
+    groups = 0  # the cost of the groups taken
+    alone: list[int] = []  # lengths of the items without siblings, padded together
+
+    def fits(extra_groups: int, alone_lengths: list[int]) -> bool:
+        padded = max(alone_lengths, default=0) * len(alone_lengths)
+        return groups + extra_groups + padded <= limits.max_batch_tokens
+
+    for i in window:
+        if i in taken:
+            continue
+        key = family_key(i)
+        family = [j for j in families[key] if j not in taken] if key is not None else [i]  # i is its oldest
+        members = [i]
+        ids = waiting[i].ids
+        prefix, longest, cost = len(ids) - 1, len(ids), len(ids)  # the group's shared prefix, longest item, cost
+        for j in family[1:]:
+            shared = min(prefix, common_prefix(ids, waiting[j].ids), waiting[j].length - 1)
+            wider = max(longest, waiting[j].length)
+            more = shared + (wider - shared) * (len(members) + 1)
+            if len(chosen) + len(members) >= limits.max_batch_size or not fits(more, alone):
+                break
+            members.append(j)
+            prefix, longest, cost = shared, wider, more
+        if len(members) == 1:
+            if chosen and (len(chosen) >= limits.max_batch_size or not fits(0, [*alone, waiting[i].length])):
+                break
+            alone.append(waiting[i].length)
+        else:
+            groups += cost
+        chosen += members
+        taken.update(members)
+        if len(members) < len(family):
+            break  # the group was cut: the batch is full
+    return sorted(chosen)
 
 
 class Batcher:
@@ -240,13 +331,17 @@ class Batcher:
         self._threads: list[threading.Thread] = []
         self._tokens_per_s = 0.0  # moving average of one worker's real tokens per second, for Retry-After
         self._running = 0  # forwards running now (under the lock)
+        self._running_tokens = 0  # their tokens
 
     # -- the request side (event loop) ---------------------------------------------------------------------
-    def submit(self, sequences: Sequence[Sequence[int]]) -> asyncio.Future:
+    def submit(self, sequences: Sequence[Sequence[int]], *, budget_s: float | None = None) -> asyncio.Future:
         """Queue one request's token-id lists; the future resolves to their scores, in order.
 
         Call it from the event loop. Raises :class:`QueueFull`, :class:`RequestTooLarge` or :class:`BatcherClosed`
-        at once instead of queueing. Cancelling the future drops the request's items that are still waiting.
+        at once instead of queueing, and with ``budget_s`` (the seconds left before the request times out)
+        :class:`WouldTimeOut` when the measured token rate says the queue ahead and the request would not be scored
+        by then. Cancelling the future
+        drops the request's items that are still waiting.
         """
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -267,6 +362,8 @@ class Batcher:
             if self._queued_tokens + tokens > limit:
                 raise QueueFull(self._queued_tokens, limit, self._retry_after_locked(tokens))
             now = self._clock()
+            if budget_s is not None:
+                self._refuse_if_late_locked(tokens, budget_s)
             for index, s in enumerate(ids):
                 self._waiting.append(_Entry(job, index, s, now, next(self._seq)))
             self._queued_tokens += tokens
@@ -343,6 +440,7 @@ class Batcher:
                 batch = self._take_batch()
                 if batch:
                     self._running += 1
+                    self._running_tokens += sum(e.length for e in batch)
                     if self._waiting and self.workers > 1:
                         self._cond.notify()  # what is left may make another worker's batch
                     return batch
@@ -392,7 +490,7 @@ class Batcher:
     def _execute(self, batch: list[_Entry]) -> None:
         live = [e for e in batch if not e.job.closed]  # a request may have gone while the batch formed
         if not live:
-            self._forward_ended(0.0)
+            self._forward_ended(batch, 0.0)
             return
         started = self._clock()
         waits = [started - e.enqueued_at for e in live]
@@ -409,17 +507,19 @@ class Batcher:
             self._deliver(live, scores)
         finally:
             elapsed = self._clock() - started
-            self._forward_ended(real / elapsed if ok and elapsed > 0 else 0.0)
+            self._forward_ended(batch, real / elapsed if ok and elapsed > 0 else 0.0)
         if self._observer is not None:
             try:
                 self._observer.batch_done(BatchReport(len(live), padded, real, waits, elapsed, ok))
             except Exception:  # metrics must never break scoring
                 logger.exception("batch observer failed")
 
-    def _forward_ended(self, tokens_per_s: float) -> None:
-        """A forward is over; ``tokens_per_s`` (0: not measured) feeds the rate that Retry-After is computed from."""
+    def _forward_ended(self, batch: list[_Entry], tokens_per_s: float) -> None:
+        """A forward is over; ``tokens_per_s`` (0: not measured) feeds the rate that Retry-After and early refusal
+        are computed from."""
         with self._cond:
             self._running -= 1
+            self._running_tokens -= sum(e.length for e in batch)
             if tokens_per_s > 0:
                 rate = self._tokens_per_s
                 self._tokens_per_s = tokens_per_s if rate == 0 else 0.8 * rate + 0.2 * tokens_per_s
@@ -461,6 +561,19 @@ class Batcher:
     def _post(job: _Job, result: list[float] | None, error: BaseException | None) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting any more
             job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+
+    def _refuse_if_late_locked(self, tokens: int, budget_s: float) -> None:
+        """Raise :class:`WouldTimeOut` when the queued tokens and ``tokens`` more take longer than ``budget_s`` at the
+        measured rate (the workers' scored tokens per second of forward; nothing is refused before one is measured).
+        The tokens of the forwards running now count as waiting: they are at most a forward from done."""
+        rate = self._tokens_per_s * self.workers
+        if rate <= 0:
+            return
+        ahead = self._queued_tokens + tokens + self._running_tokens
+        wait_s = ahead / rate
+        if wait_s > budget_s:
+            retry = int(min(60, max(1, math.ceil((ahead - rate * max(budget_s, 0.0)) / rate))))
+            raise WouldTimeOut(wait_s, budget_s, retry)
 
     def _retry_after_locked(self, extra_tokens: int) -> int:
         """Seconds until the queue has likely drained enough to admit ``extra_tokens`` more (1 to 60)."""

@@ -26,6 +26,7 @@ from service.batching import (
     RequestTooLarge,
 )
 from service.errors import ClientGone, InvalidInput, Overloaded, PayloadTooLarge, ScoringFailed, TimedOut, Unavailable
+from service.prefix import BLOCK_TOKENS
 from service.settings import ServeSettings
 from training.formatting import Encoded, FormattingError
 
@@ -98,7 +99,7 @@ class Scorer:
         else:
             encoded = await anyio.to_thread.run_sync(self._encode, items, locs)
         try:
-            future = self.batcher.submit([e.input_ids for e in encoded])
+            future = self.batcher.submit([e.input_ids for e in encoded], budget_s=deadline - time.monotonic())
         except QueueFull as exc:
             raise Overloaded(str(exc), exc.retry_after_s) from exc
         except RequestTooLarge as exc:
@@ -174,6 +175,7 @@ def batch_limits(settings: ServeSettings, backend: ScoringBackend | None = None)
         s.max_queue_tokens,
         s.batch_overhead_tokens,
         s.batch_window_items if s.batch_window_items is not None else default_window,
+        BLOCK_TOKENS if getattr(backend, "shares_prefixes", False) else 0,  # keep prefix groups together
     )
 
 
@@ -194,6 +196,7 @@ def build_engine(settings: ServeSettings, backend: ScoringBackend | None, observ
             max_length=s.max_length,
             truncation_side=s.truncation_side,
             backend=s.backend,
+            prefix_cache_mb=s.prefix_cache_mb,
         )
     backend.warm_up()
     limits = batch_limits(s, backend)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service.batching import BatchReport
 
@@ -69,6 +70,14 @@ class ServiceMetrics:
         )
         self.ready = Gauge("reward_ready", "1 when the model is loaded and warmed up and not draining", registry=r)
         self.model = Info("reward_model", "the model being served", registry=r)
+        self._tokens_scored = 0.0  # real tokens of the forwards that succeeded (for a backend that shares nothing)
+        self._sharing: Callable[[], object] | None = None
+        r.register(_SharingCollector(self))
+
+    def watch_sharing(self, stats: Callable[[], object] | None) -> None:
+        """Read the prefix-sharing forward's counters (``service.shared_forward.SharingStats``) at each scrape; without
+        one, every token scored is a token computed."""
+        self._sharing = stats
 
     def watch_queue(self, depth: Callable[[], float], tokens: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
@@ -87,8 +96,47 @@ class ServiceMetrics:
             self.queue_wait.observe(wait)
         if report.ok:
             self.scored_items.inc(report.items)
+            self._tokens_scored += report.real_tokens
         else:
             self.forward_failures.inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _SharingCollector:
+    """Tokens scored vs tokens computed, and the prefix cache's counters, read from the forward when scraped."""
+
+    def __init__(self, metrics: ServiceMetrics):
+        self.metrics = metrics
+
+    def describe(self) -> list:
+        return []  # read at scrape time only: the forward may not exist yet
+
+    def collect(self):
+        stats = self.metrics._sharing() if self.metrics._sharing is not None else None
+        scored = getattr(stats, "tokens_scored", self.metrics._tokens_scored)
+        computed = getattr(stats, "tokens_computed", self.metrics._tokens_scored)
+        yield CounterMetricFamily("reward_tokens_scored", "tokens of the items scored", value=scored)
+        yield CounterMetricFamily(
+            "reward_tokens_computed",
+            "tokens run through the model: fewer than reward_tokens_scored when prompt prefixes are shared",
+            value=computed,
+        )
+        if stats is None:
+            return
+        for name, help_text in (
+            ("hits", "lookups that found a computed prefix"),
+            ("misses", "lookups that found none"),
+            ("evictions", "entries dropped to make room"),
+        ):
+            yield CounterMetricFamily(
+                f"reward_prefix_cache_{name}", f"prefix cache {help_text}", value=getattr(stats, f"cache_{name}")
+            )
+        yield GaugeMetricFamily("reward_prefix_cache_bytes", "memory held by cached prefixes", value=stats.cache_bytes)
+        yield GaugeMetricFamily("reward_prefix_cache_entries", "cached prefixes", value=stats.cache_entries)
+        yield GaugeMetricFamily(
+            "reward_prefix_cache_capacity_bytes",
+            "the prefix cache's limit (--prefix-cache-mb)",
+            value=stats.cache_capacity_bytes,
+        )

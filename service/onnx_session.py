@@ -74,13 +74,21 @@ def cache_key(version: str, label_index: int, graph: str = "full") -> str:
 def export(checkpoint: Any, path: Path, graph: str = "full") -> Path:
     """Export ``checkpoint.model`` as ``graph`` (input_ids, attention_mask -> the reward logit) with dynamic batch
     and length."""
-    import torch
+    from training.checkpoint import pad_right
 
     wrapper = graphs.build(checkpoint.model, checkpoint.label_index, graph)
     ids = checkpoint.formatter.encode({"text": CHECK_TEXTS[1]}).input_ids
-    from training.checkpoint import pad_right
-
     input_ids, attention_mask = pad_right([ids, ids[: max(1, len(ids) // 2)]], checkpoint.pad_token_id)
+    axes = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
+    return write_graph(wrapper, {"input_ids": input_ids, "attention_mask": attention_mask}, ["reward"], axes, path)
+
+
+def write_graph(
+    module: Any, inputs: dict[str, Any], outputs: list[str], dynamic_axes: dict[str, dict[int, str]], path: Path
+) -> Path:
+    """``module`` traced on ``inputs`` (by name, in its forward's order) and written to ``path`` as ONNX."""
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written under a temporary name and renamed, so that a concurrent or interrupted export never leaves a
     # half-written graph where the next start would load it.
@@ -89,12 +97,12 @@ def export(checkpoint: Any, path: Path, graph: str = "full") -> Path:
     try:
         with torch.inference_mode(False), torch.no_grad():
             torch.onnx.export(
-                wrapper,
-                (input_ids, attention_mask),
+                module,
+                tuple(inputs.values()),
                 tmp,
-                input_names=["input_ids", "attention_mask"],
-                output_names=["reward"],
-                dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}},
+                input_names=list(inputs),
+                output_names=outputs,
+                dynamic_axes=dynamic_axes,
                 opset_version=OPSET,
                 dynamo=False,
             )
@@ -103,6 +111,23 @@ def export(checkpoint: Any, path: Path, graph: str = "full") -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def cpu_session(path: Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session over ``path`` running each call on ``threads`` threads, the caller's among them."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise OnnxUnavailable("onnxruntime is not installed (pip install 'reward-service[onnx]')") from exc
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads > 1:
+        # Pool threads that spin between forwards take the CPU from the other worker and the event loop.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class OnnxForward:
@@ -117,19 +142,7 @@ class OnnxForward:
     need not group texts by length (see ``pads_batches``)."""
 
     def __init__(self, path: Path, pad_token_id: int, threads: int, *, padded: bool = False, graph: str = "full"):
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise OnnxUnavailable("onnxruntime is not installed (pip install 'reward-service[onnx]')") from exc
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads > 1:
-            # Pool threads that spin between forwards take the CPU from the other worker and the event loop.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads)
         self.path = path
         self.graph = graph
         self.pad_token_id = pad_token_id

@@ -84,6 +84,7 @@ class ServiceRuntime:
     def _publish(self, engine: Engine) -> None:
         info = engine.info
         self.metrics.inference_workers.set(engine.threads.workers)
+        self.metrics.watch_sharing(getattr(getattr(engine.backend, "runner", None), "stats", None))
         self.metrics.describe_model(model=info.name, version=info.version, dtype=info.dtype, device=info.device)
         self.metrics.fast_graph_missing.set(1 if info.extra.get("fast_graph_missing") else 0)
         self._scoring = ScoringService(engine, self.lifecycle, self.settings, self.telemetry)

@@ -67,7 +67,16 @@ class ServeSettings(BaseSettings):
         description="what runs the forward pass: torch (transformers, eager), onnx (the model exported to ONNX "
         "Runtime, float32 on a CPU; needs the onnx extra; falls back to torch with a warning when the model cannot "
         "be exported or its exported scores differ), or auto: onnx for a float32 model on a CPU when onnxruntime "
-        "is installed, else torch",
+        "is installed, else torch. Decoders compute shared prompt prefixes once on either (onnx: a graph with past "
+        "keys and values)",
+    )
+    prefix_cache_mb: int = Field(
+        512,
+        ge=0,
+        description="decoder models only: memory (MiB, on the model's device) for the keys and values of prompt "
+        "prefixes already computed, so that texts sharing a prompt (a GRPO group sent one text per request) compute "
+        "it once; least recently used out; 0 turns it off (prefixes are still shared within a forward). 512 MiB holds "
+        "the prompts of the groups in flight under 64 clients for models up to ~1B parameters in float32",
     )
     inference_workers: int | None = Field(
         None,
@@ -155,7 +164,8 @@ class ServeSettings(BaseSettings):
         180.0,
         gt=0,
         description="a request not answered in time gets 504 and its queued items are dropped (the RL trainers' own "
-        "clients wait 120-180 s)",
+        "clients wait 120-180 s); one that the measured speed says cannot be answered in time (the tokens queued "
+        "ahead of it and its own) is refused at once with 429 and a Retry-After instead",
     )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long accepted requests may take to finish before the process exits"

@@ -14,14 +14,32 @@ from service.batching import BatchLimits, select_batch
 class Item:
     length: int
     abandoned: bool = False
+    prompt: int = -1  # items with the same prompt share their first PROMPT tokens; -1: shares with nobody
+    tag: int = 0  # makes the ids of an item its own after the prompt
+
+    @property
+    def ids(self) -> list[int]:
+        """``length`` token ids: the prompt's PROMPT tokens, then ids of this item's own."""
+        head = [self.prompt] * min(PROMPT, self.length) if self.prompt >= 0 else []
+        return head + [10_000 * (self.tag + 1) + k for k in range(self.length - len(head))]
 
 
 def items(*lengths: int, abandoned: tuple[int, ...] = ()) -> list[Item]:
     return [Item(n, i in abandoned) for i, n in enumerate(lengths)]
 
 
-def limits(tokens: int = 2048, size: int = 32, overhead: int = 0) -> BatchLimits:
-    return BatchLimits(max_batch_tokens=tokens, max_batch_size=size, overhead_tokens=overhead)
+PROMPT = 100
+
+
+def limits(tokens: int = 2048, size: int = 32, overhead: int = 0, group: int = 0) -> BatchLimits:
+    return BatchLimits(
+        max_batch_tokens=tokens, max_batch_size=size, overhead_tokens=overhead, group_prefix_tokens=group
+    )
+
+
+def grouped(*specs: tuple[int, int], abandoned: tuple[int, ...] = ()) -> list[Item]:
+    """Items from (length, prompt) pairs, oldest first."""
+    return [Item(n, i in abandoned, prompt, i) for i, (n, prompt) in enumerate(specs)]
 
 
 def test_nothing_live_selects_nothing():
@@ -101,3 +119,59 @@ def test_selection_invariants(lengths, dead, tokens, size, overhead):
     if len(chosen) > 1:  # only a lone oldest item may exceed the token budget
         assert max(waiting[i].length for i in chosen) * len(chosen) <= tokens
     assert [waiting[i].length for i in chosen] == sorted(waiting[i].length for i in chosen)
+
+
+def test_the_oldest_item_goes_with_its_prefix_siblings_first():
+    # Oldest: prompt 1. Items of another prompt with the same length would pad less, but the siblings go first.
+    waiting = grouped((140, 1), (140, 2), (140, 2), (120, 1), (150, 1), (140, 2))
+    # Group 1 costs 100 + 3 x 50 = 250 tokens; the next oldest item would add at least 140.
+    assert select_batch(waiting, limits(tokens=300, group=16)) == [0, 3, 4]
+    # With more room, the next group joins, cut where the budget ends (100 + 2 x 40 = 180 more).
+    assert select_batch(waiting, limits(tokens=450, group=16)) == [0, 1, 2, 3, 4]
+    # Without grouping, the length rule takes the equal-length neighbours.
+    assert select_batch(waiting, limits(tokens=450)) == [0, 1, 2]
+
+
+def test_a_group_costs_its_prefix_once():
+    # 8 texts of 145 tokens sharing 100: 100 + 8 x 45 = 460 tokens, within 1024 (8 x 145 padded would not be).
+    waiting = grouped(*[(145, 7)] * 8)
+    assert select_batch(waiting, limits(tokens=1024, group=16)) == list(range(8))
+    assert len(select_batch(waiting, limits(tokens=1024))) == 7
+
+
+def test_whole_groups_follow_in_age_order_while_they_fit():
+    waiting = grouped((130, 1), (60, 9), (130, 2), (130, 1), (130, 2), (130, 3), (130, 3))
+    # Group 1 (2 x 30 + 100 = 160), the lone 60 (60), group 2 (160): 380; group 3 would make 540 > 400.
+    assert select_batch(waiting, limits(tokens=400, group=16)) == [0, 1, 2, 3, 4]
+    # A group cut by the item cap ends the batch.
+    assert select_batch(waiting, limits(size=3, group=16)) == [0, 1, 3]
+
+
+def test_grouping_skips_abandoned_items_and_falls_back_without_siblings():
+    waiting = grouped((140, 1), (140, 1), (139, 2), (141, 1), abandoned=(1,))
+    assert select_batch(waiting, limits(tokens=300, group=16)) == [0, 3]  # 100 + 2 x 41, and 139 would not fit
+    alone = grouped((140, 1), (139, 2), (141, 3))
+    assert select_batch(alone, limits(tokens=1000, group=16)) == select_batch(alone, limits(tokens=1000))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    specs=st.lists(
+        st.tuples(st.integers(min_value=1, max_value=300), st.integers(min_value=-1, max_value=3)),
+        min_size=1,
+        max_size=40,
+    ),
+    dead=st.sets(st.integers(min_value=0, max_value=39)),
+    tokens=st.integers(min_value=1, max_value=4096),
+    size=st.integers(min_value=1, max_value=40),
+)
+def test_grouped_selection_invariants(specs, dead, tokens, size):
+    waiting = grouped(*specs, abandoned=tuple(dead))
+    chosen = select_batch(waiting, limits(tokens=tokens, size=size, group=16))
+    live = [i for i, item in enumerate(waiting) if not item.abandoned]
+    if not live:
+        assert chosen == []
+        return
+    assert live[0] in chosen
+    assert len(set(chosen)) == len(chosen) <= size
+    assert all(not waiting[i].abandoned for i in chosen)

@@ -47,10 +47,11 @@ def _batches(backend: CheckpointBackend) -> list[list[list[int]]]:
     return [[i] for i in ids] + [ids, ids[::-1], ids[1:3]]
 
 
-@pytest.mark.parametrize("model, graph", [("tiny_bert_dir", "bert-cls"), ("tiny_llama_dir", "full")])
+@pytest.mark.parametrize("model, graph", [("tiny_bert_dir", "bert-cls"), ("tiny_llama_dir", "decoder-kv")])
 def test_onnx_scores_match_torch_in_every_batch(model, graph, request, tmp_path):
-    """A BERT classifier gets the graph whose last layer runs only at [CLS]; others their own forward. Either way
-    the scores are torch's, with every weight, bias and norm random."""
+    """A BERT classifier gets the graph whose last layer runs only at [CLS]; a decoder the graph with past keys and
+    values (prompt prefixes shared), others their own forward. Either way the scores are torch's, with every weight,
+    bias and norm random."""
     path = _random_biases(_copy(request.getfixturevalue(model), tmp_path))
     torch_backend = CheckpointBackend.load(path, backend="torch")
     onnx_backend = CheckpointBackend.load(path, backend="onnx")

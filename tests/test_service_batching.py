@@ -17,6 +17,7 @@ from service.batching import (
     ForwardFailed,
     QueueFull,
     RequestTooLarge,
+    WouldTimeOut,
 )
 
 
@@ -339,3 +340,35 @@ def test_window_items_limits_neighbours_to_the_oldest_waiting(window, expected_f
     batches = batches_queued_behind_a_busy_worker(limits, [5, 9, 40, 5, 5])
     assert sorted(batches[0]) == expected_first
     assert sorted(n for b in batches for n in b) == [5, 5, 5, 9, 40]
+
+
+def test_work_that_cannot_finish_before_its_timeout_is_refused_at_once():
+    now = [0.0]
+    forward = RecordingForward()
+
+    def timed(batch: list[list[int]]) -> list[float]:
+        scores = forward(batch)
+        now[0] += sum(len(ids) for ids in batch) / 100  # this fake scores 100 tokens per second
+        return scores
+
+    batcher = Batcher(timed, BatchLimits(max_batch_tokens=64, max_wait_s=0.0), clock=lambda: now[0]).start()
+
+    async def main():
+        assert await batcher.submit([seq(1, 50)], budget_s=1.0) == [expected(seq(1, 50))]  # nothing measured yet
+        forward.release.clear()
+        forward.entered.clear()
+        blocker = batcher.submit([seq(0, 60)])  # 60 tokens in the forward...
+        await asyncio.to_thread(forward.entered.wait, 5)
+        admitted = batcher.submit([seq(2, 40)] * 5, budget_s=5.0)  # ... + 200 queued: 2.6 s at 100 tokens/s
+        with pytest.raises(WouldTimeOut) as info:
+            batcher.submit([seq(3, 40)] * 7, budget_s=5.0)  # 260 + 280 = 540 tokens: 5 s is not enough
+        assert isinstance(info.value, QueueFull) and info.value.retry_after_s == 1
+        with pytest.raises(WouldTimeOut) as info:
+            batcher.submit([seq(4, 50)] * 10, budget_s=2.0)  # 760 tokens, 7.6 s; in about 5.6 s it would fit
+        assert info.value.retry_after_s == 6
+        later = batcher.submit([seq(5, 40)] * 6)  # without a budget only the queue's size limits
+        forward.release.set()
+        await asyncio.gather(blocker, admitted, later)
+
+    run(main())
+    batcher.stop(5)

@@ -74,6 +74,8 @@ async def info(request: Request) -> InfoResponse:
             "forward": model.extra.get("backend"),
             "graph": model.extra.get("onnx_graph"),
             "fast_graph_missing": model.extra.get("fast_graph_missing"),
+            "prefix_sharing": model.extra.get("prefix_sharing", "off"),
+            "prefix_cache": model.extra.get("prefix_cache", "off"),
             "inference_workers": threads.workers,
             "torch_threads_per_worker": threads.threads_per_worker,
         },

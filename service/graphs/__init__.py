@@ -4,6 +4,9 @@ Every graph computes ``(input_ids, attention_mask) -> the reward logit``. ``full
 applies to every model; a *fast* graph computes the same scores with less arithmetic for one family of
 architectures, in a module of its own (``bert``: a BERT classifier's last layer at [CLS] only). Adding one is that
 module, defining a :class:`~service.graphs.base.Graph`, and its entry in :data:`FAST_GRAPHS`.
+
+Decoders get a graph of another contract (:mod:`service.graphs.decoder`: past keys and values in and out, for
+computing shared prompt prefixes once), loaded by the backend before this registry is consulted.
 """
 
 from __future__ import annotations
