@@ -28,6 +28,7 @@ from typing import Any
 from bench.texts import add_data_arguments, load_rows
 
 SEPARATOR = "\n\nAssistant:"
+MAX_LENGTH = 2048  # the manifest's truncation length
 
 SHAPES: dict[str, dict[str, Any]] = {
     # HuggingFaceTB/SmolLM2-135M's config.json
@@ -52,16 +53,32 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0,
     },
+    # The same code path in seconds, for smoke runs (head size 64: vLLM's CPU attention has kernels for the usual
+    # head sizes only).
+    "tiny": {
+        "architecture": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+    },
 }
 
 
 def grpo_groups(rows: Sequence[dict[str, Any]], *, groups: int, per_group: int = 8, seed: int = 0) -> list[list[dict]]:
-    """``groups`` lists of ``per_group`` ``{"text"}`` items sharing a prompt, from preference ``rows`` whose chosen
-    and rejected transcripts share everything up to the last ``"\\n\\nAssistant:"`` (module docstring)."""
+    """``groups`` lists of ``per_group`` ``{"text"}`` items sharing a prompt: the pair's own chosen and rejected
+    replies and ``per_group - 2`` replies of other pairs. The prompt is a row's ``prompt`` (TRL's explicit-prompt
+    rows), or for transcripts everything up to the last ``"\\n\\nAssistant:"`` that chosen and rejected share."""
     prompts = []
     for row in rows:
-        chosen, rejected = row.get("chosen"), row.get("rejected")
+        chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
         if not isinstance(chosen, str) or not isinstance(rejected, str):
+            continue
+        if isinstance(prompt, str):
+            prompts.append((prompt, chosen, rejected))
             continue
         cut = chosen.rfind(SEPARATOR) + len(SEPARATOR)
         if cut < len(SEPARATOR) or rejected[:cut] != chosen[:cut]:
@@ -95,13 +112,13 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 16384):
     bos = backend.token_to_id("<s>")
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=2048
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=MAX_LENGTH
     )
 
 
 def make_decoder(directory: str | Path, shape: str, rows: Sequence[dict[str, Any]], *, seed: int = 0) -> Path:
     """A random-weight sequence classifier of ``shape`` with a tokenizer trained on the transcripts of ``rows``,
-    saved to ``directory`` with a manifest (max_length 2048, left truncation)."""
+    saved to ``directory`` with a manifest (max_length :data:`MAX_LENGTH`, left truncation)."""
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification, Qwen2Config, Qwen2ForSequenceClassification
 
@@ -131,7 +148,7 @@ def make_decoder(directory: str | Path, shape: str, rows: Sequence[dict[str, Any
         model = Qwen2ForSequenceClassification(Qwen2Config(**common))
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    recipe = recipe_for(tokenizer, max_length=2048, truncation_side="left")
+    recipe = recipe_for(tokenizer, max_length=MAX_LENGTH, truncation_side="left")
     write_manifest(
         directory,
         {

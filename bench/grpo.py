@@ -3,14 +3,11 @@ with and without its prefix cache, interleaved in one run.
 
     python -m bench.grpo [--data Anthropic/hh-rlhf | FILE.jsonl] [--shape smollm2-135m] [--duration-s 30] [--repeats 2]
 
-The model is a random-weight sequence classifier of a real shape (speed does not depend on weight values): Llama at
-SmolLM2-135M's shape or Qwen2 at Qwen2.5-0.5B's, with a byte-level BPE tokenizer of 16k trained in-process on the
-benchmark's own texts (its vocabulary is smaller than the real models', which changes only the embedding table).
-
-The texts are GRPO-shaped: each prompt is an hh-rlhf transcript up to its last ``"\\n\\nAssistant:"``, and comes back
-with 8 completions (its own chosen and rejected reply and 6 replies of other pairs), so the same prompt tokens are
-scored 8 times. Three load patterns, each against every server in turn (service, vLLM with its prefix cache,
-vLLM without), ``--repeats`` times:
+The model and texts are :mod:`bench.decoder`'s: a random-weight sequence classifier of a real shape (speed does not
+depend on weight values) with a byte-level BPE tokenizer of 16k trained in-process on the data, and GRPO-shaped
+groups (a prompt with 8 completions: its own chosen and rejected reply and 6 replies of other pairs), so the same
+prompt tokens are scored 8 times. Three load patterns, each against every server in turn (service, vLLM with its
+prefix cache, vLLM without), ``--repeats`` times:
 
 - ``group``: 16 closed-loop clients, one group of 8 completions per request (TRL GRPO, OpenRLHF <= 0.9.0 per prompt);
 - ``text``: 64 clients, one text per request, a group's completions sent together (OpenRLHF >= 0.9.1, slime);
@@ -27,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 from collections.abc import Sequence
@@ -35,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import load as loadgen
+from bench.decoder import MAX_LENGTH, SHAPES, grpo_groups, make_decoder
 from bench.procstat import describe_machine
 from bench.report import cpu_line
 from bench.servers import PEERS_PYTHON, Server, parse_metrics, service_argv, vllm_argv, vllm_env
@@ -42,130 +39,8 @@ from bench.texts import add_data_arguments, load_rows
 
 REPO = Path(__file__).resolve().parents[1]
 GROUP = 8
-MARK = "\n\nAssistant:"
 
-# Public configs of the real models (architecture, widths, depths, heads); vocabulary from the tokenizer trained here.
-SHAPES: dict[str, dict[str, Any]] = {
-    "smollm2-135m": {
-        "model_type": "llama",
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "rope_theta": 100000.0,
-        "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 8192,
-        "tie_word_embeddings": True,
-    },
-    "qwen2.5-0.5b": {
-        "model_type": "qwen2",
-        "hidden_size": 896,
-        "intermediate_size": 4864,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 32768,
-        "tie_word_embeddings": True,
-    },
-    # For the smoke run and the tests: the same code path, seconds instead of minutes.
-    "tiny": {
-        "model_type": "llama",
-        "hidden_size": 128,  # head size 64: vLLM's CPU attention has kernels for the usual head sizes only
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": True,
-    },
-}
 PATTERNS = {"group": (16, 1), "text": (64, 0), "4x64": (4, 8)}  # clients, groups per request (0: one text)
-
-
-# -- texts -------------------------------------------------------------------------------------------------------
-def grpo_groups(rows: Sequence[dict[str, Any]], groups: int, seed: int = 0) -> list[list[str]]:
-    """``groups`` lists of 8 texts: a prompt with its own chosen and rejected reply and the chosen replies of 6 other
-    pairs. The prompt is the row's ``prompt`` (TRL's explicit-prompt rows) or, for hh-rlhf transcripts, the
-    transcript up to its last assistant turn."""
-    split = []
-    for row in rows:
-        chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
-        if not isinstance(chosen, str) or not isinstance(rejected, str):
-            continue
-        if isinstance(prompt, str):
-            split.append((prompt, chosen, rejected))
-        elif MARK in chosen:
-            prompt = chosen[: chosen.rindex(MARK) + len(MARK)]
-            if rejected.startswith(prompt):
-                split.append((prompt, chosen[len(prompt) :], rejected[len(prompt) :]))
-    random.Random(seed).shuffle(split)
-    out = []
-    for g, (prompt, chosen, rejected) in enumerate(split[:groups]):
-        others = [split[(g + k) % len(split)][1] for k in range(1, GROUP - 1)]
-        out.append([prompt + reply for reply in (chosen, rejected, *others)])
-    return out
-
-
-# -- the model ---------------------------------------------------------------------------------------------------
-def make_decoder(directory: Path, shape: str, corpus: Sequence[str], *, max_length: int, seed: int = 0) -> Path:
-    """A random-weight decoder reward model of ``shape`` with a 16k byte-level BPE tokenizer trained on ``corpus``,
-    and a reward manifest with the decoder recipe (eos appended, left truncation at ``max_length``)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
-
-    from training.checkpoint import write_manifest
-    from training.formatting import recipe_for
-
-    if (directory / "reward_manifest.json").is_file():
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    vocab = 16384 if shape != "tiny" else 1024
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=["<unk>", "<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>", unk_token="<unk>"
-    )
-    tokenizer.model_max_length = max_length
-    fields = dict(SHAPES[shape])
-    config = AutoConfig.for_model(
-        fields.pop("model_type"),
-        vocab_size=len(tokenizer),
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        **fields,
-    )
-    torch.manual_seed(seed)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    recipe = recipe_for(tokenizer, max_length=max_length, truncation_side="left")
-    write_manifest(
-        directory,
-        {
-            "name": f"random-{shape}-reward",
-            "base_model": f"random weights at {shape}'s shape (bench.grpo)",
-            "formatting": recipe.to_dict(),
-            "normalization": {"mean": 0.0, "std": 1.0},
-            "eval": {},
-            "training": {"data_fingerprint": f"none: random weights, seed {seed}"},
-        },
-    )
-    return directory
 
 
 # -- load --------------------------------------------------------------------------------------------------------
@@ -217,7 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     p.add_argument("--checkpoint", type=Path, help="where the random model is written (default: checkpoints/)")
     p.add_argument("--groups", type=int, default=64, help="prompts, 8 texts each")
-    p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--patterns", default="group,text,4x64")
     p.add_argument("--servers", default="service,vllm-prefix,vllm-noprefix")
     p.add_argument("--service-args", default="", help="extra reward-serve flags, space-separated")
@@ -230,13 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     rows, source = load_rows(args.data, data_dir=args.data_dir, split=args.split)
-    groups = grpo_groups(rows, args.groups)
+    groups = [[item["text"] for item in group] for group in grpo_groups(rows, groups=args.groups, per_group=GROUP)]
     if not groups:
         p.error(f"no usable preference rows in {args.data}")
     checkpoint = args.checkpoint or REPO / "checkpoints" / f"bench-{args.shape}-random"
     texts = [t for g in groups for t in g]
-    corpus = [row[side] for row in rows for side in ("chosen", "rejected") if isinstance(row.get(side), str)]
-    make_decoder(checkpoint, args.shape, corpus, max_length=args.max_length)
+    if not (checkpoint / "reward_manifest.json").is_file():
+        make_decoder(checkpoint, args.shape, rows)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
@@ -252,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 servers[name] = Server(name, service_argv(checkpoint, "float32", args.service_args.split()))
             else:
                 cache = "--enable-prefix-caching" if name == "vllm-prefix" else "--no-enable-prefix-caching"
-                argv_ = vllm_argv(checkpoint, "float32", args.max_length + 8, python=args.peer_python, extra=[cache])
+                argv_ = vllm_argv(checkpoint, "float32", MAX_LENGTH + 8, python=args.peer_python, extra=[cache])
                 servers[name] = Server(name, argv_, env=vllm_env(), ready_path="/health")
             servers[name].launch()
         for server in servers.values():
@@ -263,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name in names:
                     api = "service" if name == "service" else "vllm"
                     route = "/score" if api == "service" else "/classify"
-                    bodies = payloads(groups, pattern, api, eos, args.max_length)
+                    bodies = payloads(groups, pattern, api, eos, MAX_LENGTH)
                     clients = PATTERNS[pattern][0]
                     summary = run_one(
                         servers[name], route, bodies, clients, args.warmup_s, args.duration_s, args.timeout_s
