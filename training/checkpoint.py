@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,42 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{file}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
     return data
+
+
+def share_checkpoint(path: str | Path) -> None:
+    """Give the checkpoint's files the read permissions the umask allows (and its folders search permission).
+
+    safetensors writes ``model.safetensors`` readable by its owner only, whatever the umask, so a checkpoint trained
+    as one user could not be served as another (the serving image runs as uid 10001) though its other files could.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    readable = 0o444 & ~umask
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            folder = Path(root, name)
+            folder.chmod(folder.stat().st_mode | readable | (readable >> 2))
+        for name in files:
+            file = Path(root, name)
+            if not file.is_symlink():
+                file.chmod(file.stat().st_mode | readable)
+    top = Path(path)
+    top.chmod(top.stat().st_mode | readable | (readable >> 2))
+
+
+def check_readable(path: Path) -> None:
+    """:class:`CheckpointError` naming the first file of the checkpoint this process may not read, and the fix."""
+    fix = f"Make it readable (chmod -R a+rX {path}; reward-train does so for what it writes) or run as its owner"
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CheckpointError(
+            f"{path}: permission denied: this process (uid {os.getuid()}) cannot list the folder. {fix}"
+        )
+    for file in sorted(path.iterdir()):
+        if file.is_file() and not os.access(file, os.R_OK):
+            raise CheckpointError(
+                f"{file}: permission denied: this process (uid {os.getuid()}) cannot read it (mode "
+                f"{stat.filemode(file.stat().st_mode)}, owner uid {file.stat().st_uid}). {fix}"
+            )
 
 
 def write_manifest(path: str | Path, manifest: dict[str, Any]) -> Path:
@@ -145,6 +183,7 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
+    check_readable(path)
     if not any(path.glob("*.safetensors")):
         raise CheckpointError(f"{path}: no .safetensors weights (only safetensors checkpoints are loaded)")
     manifest = read_manifest(path)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import CheckpointError, load_model, load_tokenizer, write_manifest
+from training.checkpoint import CheckpointError, load_model, load_tokenizer, share_checkpoint, write_manifest
 from training.data import DEMO, DataError, fingerprint, load_preference_rows, split_rows
 from training.formatting import Formatter, FormattingError, ensure_pad_token, recipe_for
 
@@ -299,6 +299,7 @@ def train(script_args: ScriptArguments, training_args, model_args) -> TrainResul
         from training.modelcard import write_model_card
 
         write_model_card(output_dir, manifest)
+        share_checkpoint(output_dir)  # servable by another user, e.g. the serving image's
         logger.info(
             "wrote %s: eval accuracy %.4f, mean margin %.3f over %d pairs; trained in %.0f s",
             output_dir,
