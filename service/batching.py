@@ -405,6 +405,16 @@ class Batcher:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for thread in self._threads)
 
+    def refuse_waiting(self) -> int:
+        """Take no new work, and fail every request with items still waiting with :class:`BatcherClosed` (forwards
+        already running finish and deliver). For a drain that cannot finish in time. Returns the requests failed."""
+        with self._cond:
+            self._stopping = True
+            jobs = {id(e.job): e.job for e in self._waiting if not e.job.closed}
+            self._cond.notify_all()
+        self._fail(list(jobs.values()), BatcherClosed("the service is shutting down and could not score this in time"))
+        return len(jobs)
+
     @property
     def stopping(self) -> bool:
         return self._stopping

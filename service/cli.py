@@ -7,10 +7,12 @@ accepted request is finished and answered, then the server stops and the process
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -26,11 +28,15 @@ logger = logging.getLogger("reward.service")
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, but a shutdown signal first drains: the listener stays open (answering 503) until every accepted
-    request is answered, and the signal is not re-raised afterwards, so a clean drain exits 0."""
+    request is answered, and the signal is not re-raised afterwards, so a clean drain exits 0. The drain timeout
+    bounds it all: near its end (:attr:`Lifecycle.past_last_call`) what still waits for a forward is refused with
+    503 (``refuse_waiting``), and uvicorn's own graceful shutdown gets only the time that is left."""
 
-    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle):
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, refuse_waiting: Callable[[], None] = lambda: None):
         super().__init__(config)
         self.lifecycle = lifecycle
+        self.refuse_waiting = refuse_waiting
+        self._refused = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.lifecycle.phase is not Phase.FAILED and self.lifecycle.begin_drain():
@@ -50,11 +56,19 @@ class DrainingServer(uvicorn.Server):
             return True
         if self.lifecycle.phase is Phase.FAILED:
             return True
+        if self.lifecycle.past_last_call and not self._refused:
+            self._refused = True
+            self.refuse_waiting()
         if self.lifecycle.drained:
             if self.lifecycle.accepted:
                 logger.error("drain timeout: %d request(s) still unanswered", self.lifecycle.accepted)
             return True
         return False
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn's graceful shutdown gets what is left of the one drain timeout, not a second one
+        self.config.timeout_graceful_shutdown = max(0.1, self.lifecycle.drain_time_left())
+        await super().shutdown(sockets)
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> ServeSettings:
@@ -84,9 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
         log_config=None,  # keep the logging configured above
     )
-    server = DrainingServer(config, runtime.lifecycle)
+    server = DrainingServer(config, runtime.lifecycle, runtime.refuse_waiting)
     logger.info("reward-serve settings: %s", settings.public_dict())
     server.run()
+    # The interpreter's last full collection walks every object torch and the model left (seconds on a busy
+    # machine): they are about to go anyway, and the exit counts against the drain timeout.
+    gc.freeze()
     if runtime.lifecycle.failure is not None:
         logger.error("exiting: %s", runtime.lifecycle.failure)
         return 1

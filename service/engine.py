@@ -137,6 +137,8 @@ class Scorer:
                     return future.result()
                 except ForwardFailed as exc:
                     raise ScoringFailed(str(exc)) from exc
+                except BatcherClosed as exc:  # refused by a drain that could not finish it in time
+                    raise Unavailable(f"{exc}; use another replica") from exc
             if watcher is not None and watcher in done:
                 raise ClientGone("the client disconnected before its scores were ready")
             raise TimedOut(f"not scored within the request timeout of {self.request_timeout_s:g} s")

@@ -71,6 +71,17 @@ class Lifecycle:
             return False
         return self._accepted == 0 or self._clock() >= (self._drain_deadline or 0.0)
 
+    @property
+    def past_last_call(self) -> bool:
+        """Draining, and so close to the drain deadline that what still waits must be refused now (503) for the
+        process to finish answering, and exit, within the drain timeout: the last ``drain_reserve_s``."""
+        return self._phase is Phase.DRAINING and self.drain_time_left() <= self.drain_reserve_s
+
+    @property
+    def drain_reserve_s(self) -> float:
+        """Time kept at the end of a drain for the forwards already running, the answers and the exit."""
+        return min(5.0, max(1.0, self._drain_timeout_s / 5))
+
     def drain_time_left(self) -> float:
         if self._drain_deadline is None:
             return self._drain_timeout_s

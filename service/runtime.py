@@ -90,6 +90,11 @@ class ServiceRuntime:
         self._scoring = ScoringService(engine, self.lifecycle, self.settings, self.telemetry)
         self._engine = engine
 
+    def refuse_waiting(self) -> None:
+        """The drain's last call: answer what still waits for a forward with 503 now."""
+        if self._engine is not None and (refused := self._engine.batcher.refuse_waiting()):
+            logger.warning("drain deadline near: refused %d request(s) still waiting (503, Retry-After)", refused)
+
     def shut_down(self) -> None:
         """Stop admitting, let the workers finish what is queued, end them."""
         self.lifecycle.begin_drain()
