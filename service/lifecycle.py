@@ -79,8 +79,9 @@ class Lifecycle:
 
     @property
     def drain_reserve_s(self) -> float:
-        """Time kept at the end of a drain for the forwards already running, the answers and the exit."""
-        return min(5.0, max(1.0, self._drain_timeout_s / 5))
+        """Time kept at the end of a drain for the forwards already running, the answers and the exit: a fifth of
+        the drain timeout, 2 to 5 s, at most half of it."""
+        return min(5.0, max(2.0, self._drain_timeout_s / 5), self._drain_timeout_s / 2)
 
     def drain_time_left(self) -> float:
         if self._drain_deadline is None:
