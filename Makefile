@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 DEMO_CHECKPOINT ?= checkpoints/demo
 
-.PHONY: install install-demo lint test test-fast demo serve bench bench-peers bench-vllm clean
+.PHONY: install install-demo lint test test-fast demo serve bench bench-peers bench-vllm image-test pins clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,17 @@ bench-peers: $(PEERS_VENV)/.installed
 VLLM_BENCH_ARGS ?= --scenarios ceiling,service_64x1,service_4x64,vllm_64x1,vllm_4x64 --repeats 2 --output bench/results/vs-vllm
 bench-vllm: $(VENV)/.installed-all $(PEERS_VENV)/.installed
 	$(BIN)/python -m bench $(VLLM_BENCH_ARGS) $(BENCH_ARGS)
+
+# Build the serving image (and with IMAGE_TEST_ARGS=--train the training image), run them as README.md says and
+# check them (docs/deploy.md, "How this is tested"). Needs a docker daemon, or root to start one (and apt-get to
+# install docker.io and debootstrap where they are missing).
+IMAGE_TEST_ARGS ?=
+image-test: $(VENV)/.installed-all
+	$(BIN)/python -m deploy.image_test $(IMAGE_TEST_ARGS)
+
+# The images' pins (Dockerfile, TORCH_SPEC, the build backend) rewritten to the versions installed in $(VENV).
+pins: $(VENV)/.installed-all
+	$(BIN)/python -m deploy.pins --write
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) checkpoints .pytest_cache
