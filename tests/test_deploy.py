@@ -469,7 +469,7 @@ DOCKERFILE_MUTATIONS = {
     "no-start-period": ("--start-period=120s ", ""),
     "hf-home": ("HF_HOME=/tmp/huggingface", "HF_HOME=/home/reward/.cache/huggingface"),
     "default-target": ("FROM serve-runtime AS serve\n", ""),
-    "baked-elsewhere": ("COPY ${MODEL_DIR} /models/reward", "COPY ${MODEL_DIR} /opt/model"),
+    "baked-elsewhere": ("${MODEL_DIR} /models/reward", "${MODEL_DIR} /opt/model"),
     "base-latest": ("python:3.11.14-slim-bookworm", "python:latest"),
     "base-full": ("python:3.11.14-slim-bookworm", "python:3.11.14-bookworm"),
     "torch-unpinned": ('"torch==${TORCH_VERSION}"', "torch"),
