@@ -56,6 +56,7 @@ TRAIN_TAG = "reward-service-train:image-test"
 LOCAL_BASE = "reward-image-test/python:3.11-bookworm"
 DEBIAN_SUITE = "bookworm"  # its python3 is 3.11, as the Dockerfile's default base
 IMAGE_UID = "10001"
+TORCH_INDEX_PORT = 38147
 READY_TIMEOUT_S = 300
 TOLERANCE = 1e-5
 DRAIN_TIMEOUT_S = 4
@@ -247,7 +248,11 @@ def write_simple_index(wheels: Path) -> Path:
 def torch_index() -> Iterator[str]:
     simple = write_simple_index(torch_wheels())
     handler = functools.partial(_QuietHandler, directory=str(simple.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    # A fixed port: the URL is a build argument of the torch layer, so a new one would rebuild every layer after it.
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", TORCH_INDEX_PORT), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
