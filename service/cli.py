@@ -7,8 +7,8 @@ accepted request is finished and answered, then the server stops and the process
 
 from __future__ import annotations
 
-import gc
 import logging
+import os
 import signal
 import socket
 import sys
@@ -101,13 +101,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = DrainingServer(config, runtime.lifecycle, runtime.refuse_waiting)
     logger.info("reward-serve settings: %s", settings.public_dict())
     server.run()
-    # The interpreter's last full collection walks every object torch and the model left (seconds on a busy
-    # machine): they are about to go anyway, and the exit counts against the drain timeout.
-    gc.freeze()
+    code = 0
     if runtime.lifecycle.failure is not None:
         logger.error("exiting: %s", runtime.lifecycle.failure)
-        return 1
-    return 0
+        code = 1
+    if not settings.opentelemetry:  # (its exporters flush at interpreter exit)
+        # Every request is answered and the logs flushed: the interpreter's teardown of torch and the model (seconds
+        # on a busy machine) would only count against the drain timeout.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

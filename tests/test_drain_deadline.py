@@ -10,7 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import ServerProcess, build_tiny_bert, metric_value
+
+from tests.fixtures.models import build_tiny_bert
+from tests.fixtures.servers import ServerProcess, metric_value
 
 DRAIN_TIMEOUT_S = 4.0
 EXIT_SLACK_S = 1.0  # the interpreter's own exit after the server has stopped
