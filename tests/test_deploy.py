@@ -338,7 +338,7 @@ def _requirements(extra: str | None) -> dict[str, Any]:
 # builder stage, the pyproject extras it installs (besides the core dependencies), packages it must not install
 BUILDERS = [
     ("serve-builder", ["serve", "onnx"], {"trl", "datasets", "accelerate", "peft", "matplotlib"}),
-    ("train-builder", ["train", "demo"], set()),
+    ("train-builder", ["train", "demo", "client"], set()),  # client: reward-eval --url
 ]
 
 
