@@ -102,6 +102,7 @@ def test_ratios_batching_and_outputs(smoke_report):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # the naive server as a subprocess
 def test_naive_server_pads_each_request_to_its_longest(tmp_path):
     """The peer is what it claims to be: each request is one forward over its own texts, unsorted."""
     from fastapi.testclient import TestClient

@@ -178,6 +178,7 @@ def server(tiny_reward_checkpoint):
     process.stop()
 
 
+@pytest.mark.slow  # reward-serve as a subprocess
 @pytest.mark.parametrize("rows_of", [rewardbench2_rows, rmbench_rows], ids=["rewardbench2", "rm-bench"])
 def test_benchmarks_through_the_service_match_the_checkpoint(
     tmp_path, tiny_reward_checkpoint, ranked, server, rows_of, capsys
@@ -201,6 +202,7 @@ def test_benchmarks_through_the_service_match_the_checkpoint(
     ]
 
 
+@pytest.mark.slow  # reward-serve as a subprocess
 def test_pairs_through_the_service_alone(tmp_path, ranked, server, capsys):
     rows = [{"prompt": PROMPT, "chosen": ranked[-1], "rejected": ranked[0]}] * 3
     rows.append({"prompt": PROMPT, "chosen": ranked[0], "rejected": ranked[-1]})

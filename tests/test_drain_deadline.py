@@ -31,6 +31,7 @@ def wait_for_exit(server: ServerProcess) -> tuple[int, float]:
     return code, time.monotonic()
 
 
+@pytest.mark.slow  # reward-serve as a subprocess, drained under load
 def test_more_work_than_the_drain_allows_is_refused_in_time_not_cut_off(slow_checkpoint: Path):
     server = ServerProcess(
         ["--model", str(slow_checkpoint), "--torch-threads", "1", "--drain-timeout-s", str(DRAIN_TIMEOUT_S)],

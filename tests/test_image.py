@@ -45,6 +45,7 @@ def test_a_drifted_pin_is_found_and_rewritten(tmp_path):
 
 
 # -- checkpoints the serving image's user can read -----------------------------------------------------------------
+@pytest.mark.slow  # needs the reward-train checkpoint (a training run)
 def test_trained_checkpoint_is_readable_by_every_user_the_umask_allows(trained_bert_checkpoint: Path):
     umask = os.umask(0)
     os.umask(umask)

@@ -120,6 +120,7 @@ def real_server(tiny_reward_checkpoint):
     process.stop()
 
 
+@pytest.mark.slow  # reward-serve as a subprocess
 def test_real_scores_match_the_statistics_of_what_was_answered(real_server, tiny_reward_checkpoint):
     from training.checkpoint import load_tokenizer, read_manifest
     from training.formatting import Formatter, FormattingRecipe
@@ -178,6 +179,7 @@ def referenced(expression: str) -> set[str]:
     return set(re.findall(r"\breward_[a-z_]+\b", expression))
 
 
+@pytest.mark.slow  # reward-serve as a subprocess
 def test_dashboard_and_alerts_use_exported_series(real_server):
     exported = exported_names(httpx.get(f"{real_server.url}/metrics").text)
     dashboard = json.loads((MONITORING / "reward-dashboard.json").read_text())
