@@ -74,8 +74,11 @@ def run_one(server: Server, route: str, bodies, clients: int, warmup_s: float, d
     summary.pop("latencies_ms", None)
     if scrape:
         after = scrape()
+        # Counters (``_total``) as what this run added; gauges (cache bytes, entries, capacity) as they stand after it.
         summary["service_counters"] = {
-            k: after[k] - before.get(k, 0.0) for k in after if k.startswith("reward_tokens_") or "prefix" in k
+            k: after[k] - before.get(k, 0.0) if k.endswith("_total") else after[k]
+            for k in after
+            if k.startswith("reward_tokens_") or "prefix" in k
         }
     return summary
 
