@@ -82,9 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"reward-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    if not Path(settings.model).is_dir():
-        print(f"reward-serve: --model {settings.model}: no such checkpoint folder", file=sys.stderr)
-        return 2
+    for name, path in settings.components:
+        if not Path(path).is_dir():
+            named = f"{name}={path}" if name is not None else path
+            print(f"reward-serve: --model {named}: no such checkpoint folder", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

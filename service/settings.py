@@ -6,11 +6,14 @@ Every field is a command-line flag (``--max-batch-tokens 2048``) and an environm
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.combination import COMPONENT_NAME, Combination, ScoresMode, parse_combination, plain_sum
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -35,8 +38,15 @@ def cpu_batch_tokens(dtype: str, capabilities: Mapping[str, Any] | None = None) 
     return CPU_MATRIX_UNIT_BATCH_TOKENS if matrix_units(dtype, capabilities) else CPU_BATCH_TOKENS
 
 
+def _named(entry: str) -> bool:
+    """Whether a --model entry is NAME=PATH (a name of letters, digits, ``_ . -``, then ``=`` and a path)."""
+    name, sep, path = entry.strip().partition("=")
+    return bool(sep and path and COMPONENT_NAME.fullmatch(name))
+
+
 class ServeSettings(BaseSettings):
-    """How to serve one reward model: where it is, how to run it, how to batch, and what to refuse."""
+    """How to serve one reward model (or several, combined): where it is, how to run it, how to batch, and what to
+    refuse."""
 
     model_config = SettingsConfigDict(
         env_prefix="REWARD_",
@@ -50,7 +60,23 @@ class ServeSettings(BaseSettings):
     )
 
     # -- the model ------------------------------------------------------------------------------------------
-    model: str = Field(description="checkpoint folder: a reward-train output or any HF sequence-classification folder")
+    model: Annotated[list[str], NoDecode] = Field(
+        description="checkpoint folder: a reward-train output or any HF sequence-classification folder; several "
+        "reward models served as one: repeat it as NAME=PATH (--model helpful=/m/a --model harmless=/m/b; in the "
+        "environment REWARD_MODEL='helpful=/m/a,harmless=/m/b' or a JSON list). The model flags below (dtype, "
+        "backend, reward label, max length, workers, threads, ...) apply to every one of them"
+    )
+    combine: str | None = Field(
+        None,
+        description="with several models: the reward served, a linear expression over their names, e.g. "
+        "'0.7*helpful + 0.3*harmless' (numbers, names, + - * /, parentheses; a name that is not an identifier in "
+        "quotes); a model it does not name gets weight 0 (still served alone by /classify); default: the sum of all",
+    )
+    combine_scores: ScoresMode = Field(
+        "raw",
+        description="what --combine weighs: each model's raw score, or its score normalized with its manifest's "
+        "training statistics (every weighted model then needs them)",
+    )
     dtype: Dtype = Field("float32", description="weights and compute dtype")
     device: Device = Field("auto", description="auto picks cuda when available, else cpu")
     reward_label: str | None = Field(
@@ -170,6 +196,60 @@ class ServeSettings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long accepted requests may take to finish before the process exits"
     )
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _models_as_list(cls, value: Any) -> Any:
+        """One path; several NAME=PATH entries separated by commas (the environment's form); or a JSON list."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"not a JSON list of NAME=PATH entries: {exc}") from None
+        # The command line hands repeated flags over joined by commas too. A single path may hold a comma.
+        if "," in text and any(_named(part) for part in text.split(",")):
+            return [part.strip() for part in text.split(",")]
+        return [text]
+
+    @model_validator(mode="after")
+    def _components_and_combination(self) -> ServeSettings:
+        components = self.components
+        names = [name for name, _ in components if name is not None]
+        if not components:
+            raise ValueError("--model: at least one checkpoint folder is needed")
+        if len(components) > 1 and len(names) < len(components):
+            unnamed = [path for name, path in components if name is None]
+            raise ValueError(f"several --model given: name every one as NAME=PATH (unnamed: {', '.join(unnamed)})")
+        if len(set(names)) < len(names):
+            raise ValueError(f"--model: component names must be unique, got {', '.join(names)}")
+        if "truncated" in names:
+            raise ValueError("--model: 'truncated' is reserved (OpenRLHF's extra_logs has a key of that name)")
+        if self.combine is not None and not names:
+            raise ValueError("--combine needs named models: --model NAME=PATH")
+        self.combination  # noqa: B018 - a bad expression is a settings error
+        return self
+
+    @property
+    def components(self) -> list[tuple[str | None, str]]:
+        """(name, path) of each model to serve, in order; the name is None for a single unnamed --model PATH."""
+        out = []
+        for entry in self.model:
+            name, _, path = entry.partition("=")
+            out.append((name, path) if _named(entry) else (None, entry))
+        return out
+
+    @property
+    def combination(self) -> Combination | None:
+        """The combination served, or None when one model is served as it is."""
+        names = [name or "" for name, _ in self.components]
+        if len(names) == 1 and self.combine is None:
+            return None
+        if self.combine is None:
+            return plain_sum(names, self.combine_scores)
+        return parse_combination(self.combine, names, self.combine_scores)
 
     @field_validator("reward_label", mode="before")
     @classmethod
