@@ -7,6 +7,8 @@ turns ready; nothing in it changes afterwards, so nothing that reads it checks f
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -69,7 +71,9 @@ def _characters_within(items: Sequence[Mapping[str, Any]], limit: int) -> bool:
 
 
 class Scorer:
-    """The engine's way in (:meth:`run`): tokenize items, queue their token ids, wait for their scores."""
+    """The engine's way in (:meth:`run`): tokenize items, queue their token ids, wait for their scores. The steps
+    are also offered apart (:meth:`encode`, :meth:`submit`, :func:`wait_all`), so that several engines can share one
+    tokenization and compute at once (:mod:`service.combined`)."""
 
     def __init__(
         self,
@@ -94,20 +98,27 @@ class Scorer:
     ) -> Scored:
         """Scores for ``items`` in order. ``locs[i]`` names item i in error messages (``["body", "items", 3]``)."""
         deadline = (started if started is not None else time.monotonic()) + self.request_timeout_s
+        encoded = await self.encode(items, locs)
+        future = self.submit(encoded, deadline)
+        [scores] = await wait_all([future], deadline, wait_for_disconnect, self.request_timeout_s)
+        return scored_as(encoded, scores)
+
+    async def encode(self, items: Sequence[Mapping[str, Any]], locs: Sequence[Sequence[str | int]]) -> list[Encoded]:
+        """The items' token ids (a small request on the event loop, a larger one in a worker thread)."""
         if _characters_within(items, self.inline_chars):
-            encoded = self._encode(items, locs)
-        else:
-            encoded = await anyio.to_thread.run_sync(self._encode, items, locs)
+            return self._encode(items, locs)
+        return await anyio.to_thread.run_sync(self._encode, items, locs)
+
+    def submit(self, encoded: Sequence[Encoded], deadline: float) -> asyncio.Future:
+        """Queue the token ids; the future gets their scores. Refusals as the service's errors."""
         try:
-            future = self.batcher.submit([e.input_ids for e in encoded], budget_s=deadline - time.monotonic())
+            return self.batcher.submit([e.input_ids for e in encoded], budget_s=deadline - time.monotonic())
         except QueueFull as exc:
             raise Overloaded(str(exc), exc.retry_after_s) from exc
         except RequestTooLarge as exc:
             raise PayloadTooLarge(str(exc)) from exc
         except BatcherClosed as exc:
             raise Unavailable(str(exc)) from exc
-        scores = await self._wait(future, deadline, wait_for_disconnect)
-        return Scored(scores, [e.truncated for e in encoded], [len(e.input_ids) for e in encoded])
 
     def _encode(self, items: Sequence[Mapping[str, Any]], locs: Sequence[Sequence[str | int]]) -> list[Encoded]:
         out = []
@@ -123,30 +134,49 @@ class Scorer:
             out.append(encoded)
         return out
 
-    async def _wait(
-        self, future: asyncio.Future, deadline: float, wait_for_disconnect: WaitForDisconnect | None
-    ) -> list[float]:
-        watcher = asyncio.ensure_future(wait_for_disconnect()) if wait_for_disconnect is not None else None
-        try:
-            waiting = {future} | ({watcher} if watcher is not None else set())
+
+def scored_as(encoded: Sequence[Encoded], scores: list[float]) -> Scored:
+    return Scored(scores, [e.truncated for e in encoded], [len(e.input_ids) for e in encoded])
+
+
+async def wait_all(
+    futures: Sequence[asyncio.Future],
+    deadline: float,
+    wait_for_disconnect: WaitForDisconnect | None,
+    timeout_s: float,
+) -> list[list[float]]:
+    """Every future's scores, in order, by ``deadline``. The first forward that fails, the client going away or the
+    deadline ends the wait with the service's error, and the futures still waiting are cancelled (their items
+    still in a queue are dropped, not computed)."""
+    watcher = asyncio.ensure_future(wait_for_disconnect()) if wait_for_disconnect is not None else None
+    pending = set(futures)
+    try:
+        while pending:
+            waiting = pending | ({watcher} if watcher is not None else set())
             done, _ = await asyncio.wait(
                 waiting, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
             )
-            if future in done:
+            for future in pending & done:
                 try:
-                    return future.result()
+                    future.result()
                 except ForwardFailed as exc:
                     raise ScoringFailed(str(exc)) from exc
                 except BatcherClosed as exc:  # refused by a drain that could not finish it in time
                     raise Unavailable(f"{exc}; use another replica") from exc
+            pending -= done
+            if not pending:
+                break
             if watcher is not None and watcher in done:
                 raise ClientGone("the client disconnected before its scores were ready")
-            raise TimedOut(f"not scored within the request timeout of {self.request_timeout_s:g} s")
-        finally:
+            if not done:
+                raise TimedOut(f"not scored within the request timeout of {timeout_s:g} s")
+        return [future.result() for future in futures]
+    finally:
+        for future in futures:
             if not future.done():
                 future.cancel()  # its items still waiting in the queue are dropped, not computed
-            if watcher is not None and not watcher.done():
-                watcher.cancel()
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
 
 
 @dataclass(frozen=True)
@@ -156,10 +186,24 @@ class Engine:
     scorer: Scorer
     threads: ThreadPlan  # inference workers and their torch threads
     limits: BatchLimits
+    encoding: str = ""  # engines with the same key turn an item into the same token ids (see encoding_key)
 
     @property
     def info(self) -> ModelInfo:
         return self.backend.info
+
+
+def encoding_key(encoder: ItemEncoder) -> str:
+    """What decides an item's token ids: the formatting recipe (chat template included) and the tokenizer (a hash
+    of its full definition: vocabulary, merges, normalizer, special tokens). An encoder whose tokenizer cannot be
+    written out gets a key of its own."""
+    recipe = getattr(encoder, "recipe", None)
+    tokenizer = getattr(getattr(encoder, "tokenizer", None), "backend_tokenizer", None)
+    if recipe is None or tokenizer is None:
+        return f"object:{id(encoder)}"
+    digest = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True, default=str).encode())
+    digest.update(tokenizer.to_str().encode())
+    return digest.hexdigest()
 
 
 def batch_limits(settings: ServeSettings, backend: ScoringBackend | None = None) -> BatchLimits:
@@ -181,17 +225,21 @@ def batch_limits(settings: ServeSettings, backend: ScoringBackend | None = None)
     )
 
 
-def build_engine(settings: ServeSettings, backend: ScoringBackend | None, observer: BatchObserver) -> Engine:
-    """Plan the threads, load the checkpoint (unless ``backend`` is given), warm it up, start the batcher."""
+def build_engine(
+    settings: ServeSettings, backend: ScoringBackend | None, observer: BatchObserver, path: str | None = None
+) -> Engine:
+    """Plan the threads, load the checkpoint at ``path`` (default: the one --model; unless ``backend`` is given),
+    warm it up, start the batcher."""
     from training.checkpoint import resolve_device
 
     s = settings
     threads = plan_threads(resolve_device(s.device), s.inference_workers, s.torch_threads)
     threads.apply()  # loading and warm-up run as each worker will
     if backend is None:
-        logger.info("loading reward model from %s (dtype %s, device %s)", s.model, s.dtype, s.device)
+        path = path if path is not None else s.components[0][1]
+        logger.info("loading reward model from %s (dtype %s, device %s)", path, s.dtype, s.device)
         backend = CheckpointBackend.load(
-            s.model,
+            path,
             dtype=s.dtype,
             device=s.device,
             reward_label=s.reward_label,
@@ -206,4 +254,4 @@ def build_engine(settings: ServeSettings, backend: ScoringBackend | None, observ
         backend.forward, limits, observer=observer, workers=threads.workers, on_worker_start=threads.apply
     ).start()
     scorer = Scorer(backend.formatter, batcher, request_timeout_s=s.request_timeout_s)
-    return Engine(backend, batcher, scorer, threads, limits)
+    return Engine(backend, batcher, scorer, threads, limits, encoding_key(backend.formatter))
