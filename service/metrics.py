@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -69,7 +71,7 @@ class ServiceMetrics:
             registry=r,
         )
         self.ready = Gauge("reward_ready", "1 when the model is loaded and warmed up and not draining", registry=r)
-        self.model = Info("reward_model", "the model being served", registry=r)
+        self._models: Info | None = None  # created when described: labelled by component when several are served
         self._tokens_scored = 0.0  # real tokens of the forwards that succeeded (for a backend that shares nothing)
         self._sharing: Callable[[], object] | None = None
         r.register(_SharingCollector(self))
@@ -83,8 +85,15 @@ class ServiceMetrics:
         self.queue_depth.set_function(depth)
         self.queue_tokens.set_function(tokens)
 
-    def describe_model(self, *, model: str, version: str, dtype: str, device: str) -> None:
-        self.model.info({"model": model, "version": version, "dtype": dtype, "device": device})
+    def describe_model(
+        self, *, model: str, version: str, dtype: str, device: str, component: str | None = None
+    ) -> None:
+        """The ``reward_model`` info: the one model served, or (``component`` given) one of several."""
+        if self._models is None:
+            labels = ["component"] if component is not None else []
+            self._models = Info("reward_model", "the model being served", labels, registry=self.registry)
+        info = self._models.labels(component=component) if component is not None else self._models
+        info.info({"model": model, "version": version, "dtype": dtype, "device": device})
 
     # -- BatchObserver -------------------------------------------------------------------------------------
     def batch_done(self, report: BatchReport) -> None:
@@ -102,6 +111,36 @@ class ServiceMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def summed_sharing(stats: list[Callable[[], Any] | None], metrics: ServiceMetrics) -> Callable[[], Any] | None:
+    """For several models: the prefix cache counters summed over those that share prefixes, and every token scored
+    (all forwards) less those their sharing saved."""
+    present = [s for s in stats if s is not None]
+    if not present:
+        return None
+
+    def read() -> Any:
+        parts = [s() for s in present]
+        total = {f: sum(getattr(p, f) for p in parts) for f in _SHARING_FIELDS}
+        saved = total["tokens_scored"] - total["tokens_computed"]
+        total["tokens_scored"] = metrics._tokens_scored
+        total["tokens_computed"] = metrics._tokens_scored - saved
+        return SimpleNamespace(**total)
+
+    return read
+
+
+_SHARING_FIELDS = (
+    "tokens_scored",
+    "tokens_computed",
+    "cache_hits",
+    "cache_misses",
+    "cache_evictions",
+    "cache_bytes",
+    "cache_entries",
+    "cache_capacity_bytes",
+)
 
 
 class _SharingCollector:

@@ -1,5 +1,6 @@
-"""What the routes share, on ``app.state.runtime``: settings, lifecycle, metrics, and once loaded the
-:class:`~service.engine.Engine` and the :class:`~service.scoring.ScoringService` that every protocol calls."""
+"""What the routes share, on ``app.state.runtime``: settings, lifecycle, metrics, and once loaded what is served
+(:class:`~service.combined.Served`: one :class:`~service.engine.Engine` per reward model) and the
+:class:`~service.scoring.ScoringService` that every protocol calls."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import threading
 import time
 
 from service.backend import ScoringBackend
-from service.engine import Engine, build_engine
+from service.combined import ComponentFailed, Served, build_served
+from service.engine import Engine
 from service.errors import Unavailable
 from service.lifecycle import Lifecycle, refusal
-from service.metrics import ServiceMetrics
+from service.metrics import ServiceMetrics, summed_sharing
 from service.scoring import ScoringService
 from service.settings import ServeSettings
 from service.telemetry import RewardTelemetry
@@ -31,23 +33,32 @@ class ServiceRuntime:
             self.metrics.registry, window=settings.reward_telemetry_window, enabled=settings.reward_telemetry
         )
         self._backend = backend  # a ready-made backend (tests inject faults this way); else loaded from settings
-        self._engine: Engine | None = None
+        self._served: Served | None = None
         self._scoring: ScoringService | None = None
         self._loaded = threading.Event()
         self._loader: threading.Thread | None = None
         self.metrics.in_flight.set_function(lambda: self.lifecycle.accepted)
         self.metrics.ready.set_function(lambda: 1.0 if self.lifecycle.ready else 0.0)
         self.metrics.watch_queue(
-            lambda: self._engine.batcher.queue_depth if self._engine else 0,
-            lambda: self._engine.batcher.queued_tokens if self._engine else 0,
+            lambda: sum(e.batcher.queue_depth for e in self._engines()),
+            lambda: sum(e.batcher.queued_tokens for e in self._engines()),
         )
 
     @property
-    def engine(self) -> Engine:
-        """The loaded engine; before it is published, the refusal of the phase the service is in (503)."""
-        if self._engine is None:
+    def served(self) -> Served:
+        """What is served (every component's engine); before it is published, the refusal of the phase the service
+        is in (503)."""
+        if self._served is None:
             raise self._not_loaded()
-        return self._engine
+        return self._served
+
+    @property
+    def engine(self) -> Engine:
+        """The (first) component's engine."""
+        return self.served.engines[0]
+
+    def _engines(self) -> list[Engine]:
+        return self._served.engines if self._served is not None else []
 
     @property
     def scoring(self) -> ScoringService:
@@ -71,36 +82,56 @@ class ServiceRuntime:
         s = self.settings
         try:
             started = time.perf_counter()
-            engine = build_engine(s, self._backend, observer=self.metrics)
-            self._publish(engine)
-            _log_loaded(engine, s, time.perf_counter() - started)
+            served = build_served(s, self._backend, observer=self.metrics)
+            self._publish(served)
+            for component in served.components:
+                _log_loaded(component.engine, s, time.perf_counter() - started)
+            if served.combination is not None:
+                logger.info("serving %r: %s", served.model.name, served.combination.describe())
             self.lifecycle.mark_ready()
+        except ComponentFailed as exc:  # the message names the component
+            logger.exception("failed to load the reward models")
+            self.lifecycle.mark_failed(str(exc))
         except Exception as exc:  # reported by /healthz, /readyz and the CLI's exit status
-            logger.exception("failed to load the reward model from %s", s.model)
+            logger.exception("failed to load the reward model from %s", s.components[0][1])
             self.lifecycle.mark_failed(f"{exc.__class__.__name__}: {exc}")
         finally:
             self._loaded.set()
 
-    def _publish(self, engine: Engine) -> None:
-        info = engine.info
-        self.metrics.inference_workers.set(engine.threads.workers)
-        self.metrics.watch_sharing(getattr(getattr(engine.backend, "runner", None), "stats", None))
-        self.metrics.describe_model(model=info.name, version=info.version, dtype=info.dtype, device=info.device)
-        self.metrics.fast_graph_missing.set(1 if info.extra.get("fast_graph_missing") else 0)
-        self._scoring = ScoringService(engine, self.lifecycle, self.settings, self.telemetry)
-        self._engine = engine
+    def _publish(self, served: Served) -> None:
+        engines = served.engines
+        self.metrics.inference_workers.set(sum(e.threads.workers for e in engines))
+        stats = [getattr(getattr(e.backend, "runner", None), "stats", None) for e in engines]
+        self.metrics.watch_sharing(stats[0] if len(stats) == 1 else summed_sharing(stats, self.metrics))
+        if served.several:
+            for c in served.components:
+                self.metrics.describe_model(
+                    model=c.engine.info.name,
+                    version=c.info.version,
+                    dtype=c.info.dtype,
+                    device=c.info.device,
+                    component=c.name,
+                )
+        else:
+            info = served.model
+            self.metrics.describe_model(model=info.name, version=info.version, dtype=info.dtype, device=info.device)
+        missing = any(e.info.extra.get("fast_graph_missing") for e in engines)
+        self.metrics.fast_graph_missing.set(1 if missing else 0)
+        self._scoring = ScoringService(served, self.lifecycle, self.settings, self.telemetry)
+        self._served = served
 
     def refuse_waiting(self) -> None:
         """The drain's last call: answer what still waits for a forward with 503 now."""
-        if self._engine is not None and (refused := self._engine.batcher.refuse_waiting()):
+        refused = sum(e.batcher.refuse_waiting() for e in self._engines())
+        if refused:
             logger.warning("drain deadline near: refused %d request(s) still waiting (503, Retry-After)", refused)
 
     def shut_down(self) -> None:
         """Stop admitting, let the workers finish what is queued, end them."""
         self.lifecycle.begin_drain()
-        engine = self._engine
-        if engine is not None and not engine.batcher.stop(timeout=max(1.0, self.lifecycle.drain_time_left())):
-            logger.error("the inference worker did not finish within the drain timeout")
+        for engine in self._engines():
+            if not engine.batcher.stop(timeout=max(1.0, self.lifecycle.drain_time_left())):
+                logger.error("the inference worker did not finish within the drain timeout")
         logger.info("reward service stopped")
 
 

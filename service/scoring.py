@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from service.engine import Engine, Scored, WaitForDisconnect
+from service.combined import CombinedScored, Served
+from service.engine import Scored, WaitForDisconnect
 from service.errors import InvalidInput
 from service.lifecycle import Lifecycle
 from service.settings import ServeSettings
@@ -53,10 +54,11 @@ class Item:
 
 @dataclass(frozen=True)
 class PairScores:
-    """r(chosen) and r(rejected) of each preference pair, in order."""
+    """r(chosen) and r(rejected) of each preference pair, in order (and each component's, when several)."""
 
     chosen: list[float]
     rejected: list[float]
+    components: dict[str, PairScores] = field(default_factory=dict)
 
     @property
     def margins(self) -> list[float]:
@@ -111,21 +113,29 @@ class ScoringService:
     """
 
     def __init__(
-        self, engine: Engine, lifecycle: Lifecycle, settings: ServeSettings, telemetry: RewardTelemetry | None = None
+        self, served: Served, lifecycle: Lifecycle, settings: ServeSettings, telemetry: RewardTelemetry | None = None
     ):
-        self.engine = engine
+        self.served = served
         self.lifecycle = lifecycle
         self.settings = settings
         self.telemetry = telemetry  # told every delivered score (service/telemetry.py)
 
     @property
     def model(self) -> ModelInfo:
-        return self.engine.info
+        """The served model (or combination) the answers name."""
+        return self.served.model
 
     async def score(
-        self, request: Request, items: Sequence[Item], *, field: str, normalize_scores: bool = False
+        self,
+        request: Request,
+        items: Sequence[Item],
+        *,
+        field: str,
+        normalize_scores: bool = False,
+        component: str | None = None,
     ) -> Scored:
-        """Scores for ``items`` in order; ``field`` names the body field that holds them (for the item cap).
+        """Scores for ``items`` in order; ``field`` names the body field that holds them (for the item cap);
+        ``component``: one of several models alone, instead of their combination.
 
         An empty ``items`` is answered without touching the model (some clients shard a batch over replicas and
         send a replica an empty share).
@@ -133,11 +143,11 @@ class ScoringService:
         started = time.monotonic()
         with self.lifecycle.admit():
             self._check(field, len(items), items)
-            if normalize_scores and not self.model.normalization:
-                raise InvalidInput(["body", "normalize"], "this model has no normalization statistics in its manifest")
+            self._check_normalize(normalize_scores)
             if not items:
-                return Scored([], [], [])
-            scored = await self._score(request, [i.payload for i in items], [i.loc for i in items], started)
+                return self.served.empty() if component is None else Scored([], [], [])
+            payloads, locs = [i.payload for i in items], [i.loc for i in items]
+            scored = await self._score(request, payloads, locs, started, component)
             if normalize_scores:
                 stats = self.model.normalization
                 scored = Scored([normalize(x, stats) for x in scored.scores], scored.truncated, scored.tokens)
@@ -156,7 +166,24 @@ class ScoringService:
                     raise InvalidInput(list(pair.loc), str(exc)) from exc
                 locs += [[*pair.loc, "chosen"], [*pair.loc, "rejected"]]
             scored = await self._score(request, payloads, locs, started)
-            return PairScores(scored.scores[0::2], scored.scores[1::2])
+            parts = scored.components if isinstance(scored, CombinedScored) else {}
+            return PairScores(
+                scored.scores[0::2],
+                scored.scores[1::2],
+                {name: PairScores(s.scores[0::2], s.scores[1::2]) for name, s in parts.items()},
+            )
+
+    def _check_normalize(self, normalize_scores: bool) -> None:
+        if not normalize_scores:
+            return
+        if self.served.several:
+            raise InvalidInput(
+                ["body", "normalize"],
+                "several reward models are served combined: start the service with --combine-scores normalized to "
+                "combine their normalized scores",
+            )
+        if not self.model.normalization:
+            raise InvalidInput(["body", "normalize"], "this model has no normalization statistics in its manifest")
 
     def _check(self, field: str, count: int, items: Sequence[Item]) -> None:
         s = self.settings
@@ -164,13 +191,19 @@ class ScoringService:
         check_limits(field, count, texts, max_items=s.max_items_per_request, max_chars=s.max_text_chars)
 
     async def _score(
-        self, request: Request, payloads: Sequence[Mapping[str, Any]], locs: Sequence[Loc], started: float
+        self,
+        request: Request,
+        payloads: Sequence[Mapping[str, Any]],
+        locs: Sequence[Loc],
+        started: float,
+        component: str | None = None,
     ) -> Scored:
-        scored = await self.engine.scorer.run(
-            payloads, locs=locs, started=started, wait_for_disconnect=_disconnect_of(request)
-        )
+        one = self.served.component(component) if component is not None else None
+        scorer = one.engine.scorer if one is not None else self.served.scorer
+        scored = await scorer.run(payloads, locs=locs, started=started, wait_for_disconnect=_disconnect_of(request))
         if self.telemetry is not None:
-            self.telemetry.observe(self.model, scored)
+            for model, part in [(one.info, scored)] if one is not None else self.served.parts(scored):
+                self.telemetry.observe(model, part)
         return scored
 
 
