@@ -135,6 +135,9 @@ class ScoreResponse(BaseModel):
     model: str
     model_version: str
     normalized: bool = False
+    components: dict[str, list[float]] | None = Field(
+        None, description="several models served combined: each one's raw scores, by name (absent for one model)"
+    )
 
 
 Side = Text | list[Message]
@@ -179,6 +182,9 @@ class CompareResponse(BaseModel):
     rejected_scores: list[float]
     model: str
     model_version: str
+    components: dict[str, list[float]] | None = Field(
+        None, description="several models served combined: each one's margins, by name (absent for one model)"
+    )
 
 
 class GetRewardRequest(BaseModel):
@@ -198,7 +204,8 @@ class GetRewardResponse(BaseModel):
     scores: list[float] = Field(description="the same values as rewards")
     extra_logs: dict[str, list[float]] = Field(
         default_factory=dict,
-        description="per-sample values for the trainer's logs: truncated (1.0 if cut to max_length)",
+        description="per-sample values for the trainer's logs: truncated (1.0 if cut to max_length); with several "
+        "models served combined, each one's raw score under its name",
     )
 
 
@@ -231,6 +238,12 @@ class InfoResponse(BaseModel):
     limits: dict[str, Any]
     ready: bool
     cpu: CpuInfo
+    components: list[dict[str, Any]] | None = Field(
+        None, description="several models served combined: each one's name, model, version, recipe, batching"
+    )
+    combine: dict[str, Any] | None = Field(
+        None, description="several models served combined: the expression, its weights and constant, raw or normalized"
+    )
 
 
 class SlimeRewardRequest(BaseModel):

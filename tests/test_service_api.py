@@ -307,7 +307,7 @@ def test_every_setting_is_a_flag_and_an_environment_variable(monkeypatch):
             "4096",
         ]
     )
-    assert (settings.model, settings.dtype, settings.device, settings.port) == ("ckpt", "bfloat16", "cpu", 9000)
+    assert (settings.model, settings.dtype, settings.device, settings.port) == (["ckpt"], "bfloat16", "cpu", 9000)
     assert (settings.max_batch_tokens, settings.max_wait_ms, settings.max_batch_size) == (1024, 2.5, 7)
     assert settings.reward_label == "nothate" and settings.host == "127.0.0.1"
     assert settings.api_key.get_secret_value() == "secret" and settings.public_dict()["api_key"] == "set"

@@ -5,15 +5,25 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service.api.common import SCORING_ERRORS, scoring_of
+from service.combined import CombinedScored
+from service.engine import Scored
 from service.schemas import CompareRequest, CompareResponse, ScoreRequest, ScoreResponse
 from service.scoring import Item
 
 router = APIRouter(tags=["scoring"], responses=SCORING_ERRORS)
 
 
-@router.post("/score", response_model=ScoreResponse)
+def _components(scored: Scored) -> dict[str, list[float]] | None:
+    """Each component's scores when several models are served combined (absent for one model)."""
+    if not isinstance(scored, CombinedScored):
+        return None
+    return {name: part.scores for name, part in scored.components.items()}
+
+
+@router.post("/score", response_model=ScoreResponse, response_model_exclude_none=True)
 async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
-    """Score items: `{"text"}`, `{"prompt", "response"}` (concatenated, as in TRL) or `{"messages"}`."""
+    """Score items: `{"text"}`, `{"prompt", "response"}` (concatenated, as in TRL) or `{"messages"}`. With several
+    reward models served combined, `scores` are the combined rewards and `components` each model's own."""
     service = scoring_of(request)
     items = [Item.of(item.as_item(), ("body", "items", i)) for i, item in enumerate(body.items)]
     scored = await service.score(request, items, field="items", normalize_scores=body.normalize)
@@ -24,10 +34,11 @@ async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         model=model.name,
         model_version=model.version,
         normalized=body.normalize,
+        components=_components(scored),
     )
 
 
-@router.post("/compare", response_model=CompareResponse)
+@router.post("/compare", response_model=CompareResponse, response_model_exclude_none=True)
 async def compare(body: CompareRequest, request: Request) -> CompareResponse:
     """Preference margins r(chosen) - r(rejected) and sigmoid(margin), for evaluation and best-of-n."""
     service = scoring_of(request)
@@ -41,4 +52,5 @@ async def compare(body: CompareRequest, request: Request) -> CompareResponse:
         rejected_scores=compared.rejected,
         model=model.name,
         model_version=model.version,
+        components={name: part.margins for name, part in compared.components.items()} or None,
     )

@@ -9,6 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from service.api.common import runtime_of
+from service.combined import Component
+from service.engine import Engine
 from service.hardware import describe_cpu
 from service.lifecycle import Phase
 from service.schemas import InfoResponse
@@ -49,11 +51,12 @@ async def health(request: Request) -> Response:
 
 @router.get("/info", response_model=InfoResponse)
 async def info(request: Request) -> InfoResponse:
-    """Model, version, dtype, device, formatting recipe, normalization, batching limits."""
+    """Model, version, dtype, device, formatting recipe, normalization, batching limits; with several reward models
+    served combined, each of them (`components`) and how they are combined (`combine`)."""
     runtime = runtime_of(request)
     s = runtime.settings
-    engine = runtime.engine
-    model, limits, threads = engine.info, engine.limits, engine.threads
+    served = runtime.served
+    model, engine = served.model, served.engines[0]
     return InfoResponse(
         model=model.name,
         model_version=model.version,
@@ -65,20 +68,7 @@ async def info(request: Request) -> InfoResponse:
         reward_label=model.reward_label,
         formatting=model.formatting,
         normalization=model.normalization,
-        batching={
-            "max_batch_tokens": limits.max_batch_tokens,
-            "max_batch_size": limits.max_batch_size,
-            "max_wait_ms": limits.max_wait_s * 1000,
-            "max_queue_tokens": limits.max_queue_tokens,
-            "window_items": limits.window_items,
-            "forward": model.extra.get("backend"),
-            "graph": model.extra.get("onnx_graph"),
-            "fast_graph_missing": model.extra.get("fast_graph_missing"),
-            "prefix_sharing": model.extra.get("prefix_sharing", "off"),
-            "prefix_cache": model.extra.get("prefix_cache", "off"),
-            "inference_workers": threads.workers,
-            "torch_threads_per_worker": threads.threads_per_worker,
-        },
+        batching=_batching(engine),
         limits={
             "max_items_per_request": s.max_items_per_request,
             "max_body_bytes": s.max_body_bytes,
@@ -88,7 +78,46 @@ async def info(request: Request) -> InfoResponse:
         },
         ready=runtime.lifecycle.ready,
         cpu=describe_cpu(),
+        components=[_component(c) for c in served.components] if served.several else None,
+        combine=served.combination.describe() if served.combination is not None else None,
     )
+
+
+def _component(component: Component) -> dict[str, Any]:
+    model = component.engine.info
+    return {
+        "name": component.name,
+        "model": model.name,
+        "version": model.version,
+        "source": model.source,
+        "dtype": model.dtype,
+        "device": model.device,
+        "has_manifest": model.has_manifest,
+        "base_model": model.base_model,
+        "reward_label": model.reward_label,
+        "formatting": model.formatting,
+        "normalization": model.normalization,
+        "backend": model.extra.get("backend"),
+        "batching": _batching(component.engine),
+    }
+
+
+def _batching(engine: Engine) -> dict[str, Any]:
+    model, limits, threads = engine.info, engine.limits, engine.threads
+    return {
+        "max_batch_tokens": limits.max_batch_tokens,
+        "max_batch_size": limits.max_batch_size,
+        "max_wait_ms": limits.max_wait_s * 1000,
+        "max_queue_tokens": limits.max_queue_tokens,
+        "window_items": limits.window_items,
+        "forward": model.extra.get("backend"),
+        "graph": model.extra.get("onnx_graph"),
+        "fast_graph_missing": model.extra.get("fast_graph_missing"),
+        "prefix_sharing": model.extra.get("prefix_sharing", "off"),
+        "prefix_cache": model.extra.get("prefix_cache", "off"),
+        "inference_workers": threads.workers,
+        "torch_threads_per_worker": threads.threads_per_worker,
+    }
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
