@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
@@ -61,6 +61,7 @@ class Scores:
     truncated: list[bool]
     model: str
     model_version: str
+    components: dict[str, list[float]] = field(default_factory=dict)  # several models served combined: each one's
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,9 @@ def _merge_scores(parts: list[dict[str, Any]]) -> Scores:
         truncated=[t for p in parts for t in p["truncated"]],
         model=parts[0]["model"],
         model_version=parts[0]["model_version"],
+        components={
+            name: [x for p in parts for x in p["components"][name]] for name in parts[0].get("components") or {}
+        },
     )
 
 

@@ -8,11 +8,14 @@ verl loads a custom reward function from a file: point ``custom_reward_function.
   functions and runs plain ones in an executor);
 - ``compute_score_batch``: lists in, a list out (``reward_model.reward_manager=batch``).
 
-Each returns the score as a float (a list of floats for the batch form). verl passes
+Each returns the score as a float (a list of floats for the batch form). When the service serves several reward
+models combined, each returns verl's dict form instead, ``{"score": combined, "<name>": that model's score, ...}``:
+verl takes ``score`` as the reward and logs the other keys (its ``reward_extra_info``). verl passes
 ``custom_reward_function.reward_kwargs`` as keyword arguments; the ones read here:
 
 - ``reward_service_url``: the service's base URL, or a list of replicas (default: ``$REWARD_SERVICE_URL``);
 - ``api_key`` (default: ``$REWARD_SERVICE_API_KEY``), ``normalize`` (default false), ``timeout`` (seconds);
+- ``components`` (default true): with several models served, the dict form above; false: the combined float only;
 - ``prompt_key``: the ``extra_info`` field holding the prompt (default ``prompt``), a string or a list of chat
   messages. verl hands the reward function only the response (``solution_str``), so a reward model that should
   see the prompt needs the dataset to carry it in ``extra_info``; without it the response is scored alone.
@@ -40,6 +43,9 @@ URL_ENV = "REWARD_SERVICE_URL"
 API_KEY_ENV = "REWARD_SERVICE_API_KEY"
 DEFAULT_MAX_IN_FLIGHT = 2
 
+# A float, or with several models served combined verl's dict form: {"score": combined, name: score, ...}.
+Reward = float | dict[str, float]
+
 
 class Settings(NamedTuple):
     """What the reward kwargs configure; hashable, so each distinct configuration gets its own client.
@@ -54,6 +60,7 @@ class Settings(NamedTuple):
     timeout: float
     prompt_key: str
     max_in_flight: int
+    components: bool = True
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> Settings:
@@ -73,6 +80,7 @@ class Settings(NamedTuple):
             timeout=float(kwargs.get("timeout", 60.0)),
             prompt_key=str(kwargs.get("prompt_key", "prompt")),
             max_in_flight=max_in_flight,
+            components=bool(kwargs.get("components", True)),
         )
 
 
@@ -93,16 +101,19 @@ class Coalescer:
     Bound to the event loop it is used on. An item whose caller went away (cancelled) is not sent.
     """
 
-    def __init__(self, client: AsyncRewardClient, *, normalize: bool = False, max_in_flight: int = 2):
+    def __init__(
+        self, client: AsyncRewardClient, *, normalize: bool = False, max_in_flight: int = 2, components: bool = True
+    ):
         self.client = client
         self.normalize = normalize
         self.max_in_flight = max_in_flight
+        self.components = components
         self._pending: list[tuple[dict[str, Any], asyncio.Future]] = []
         self._in_flight = 0
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task] = set()
 
-    async def score(self, items: Sequence[dict[str, Any]]) -> list[float]:
+    async def score(self, items: Sequence[dict[str, Any]]) -> list[Reward]:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
         self._pending.extend(zip(items, futures, strict=True))
@@ -134,9 +145,11 @@ class Coalescer:
                 if not future.done():
                     future.set_exception(exc)
         else:
-            for (_, future), score in zip(batch, result.scores, strict=True):
+            parts = result.components if self.components else {}
+            for i, (_, future) in enumerate(batch):
                 if not future.done():
-                    future.set_result(score)
+                    score = result.scores[i]
+                    future.set_result({**{n: s[i] for n, s in parts.items()}, "score": score} if parts else score)
         finally:
             self._in_flight -= 1
             self._schedule(loop)
@@ -155,7 +168,10 @@ def _coalescer(settings: Settings) -> Coalescer:
         for stale in [k for k, (other, _) in _coalescers.items() if other.is_closed()]:
             del _coalescers[stale]
         client = AsyncRewardClient(list(settings.urls), api_key=settings.api_key, timeout=settings.timeout)
-        entry = (loop, Coalescer(client, normalize=settings.normalize, max_in_flight=settings.max_in_flight))
+        coalescer = Coalescer(
+            client, normalize=settings.normalize, max_in_flight=settings.max_in_flight, components=settings.components
+        )
+        entry = (loop, coalescer)
         _coalescers[key] = entry
     return entry[1]
 
@@ -172,7 +188,7 @@ def _items(solution_strs: Sequence[str], extra_infos: Sequence[Any], settings: S
     return items
 
 
-async def _score(solution_strs: Sequence[str], extra_infos: Sequence[Any], kwargs: Mapping[str, Any]) -> list[float]:
+async def _score(solution_strs: Sequence[str], extra_infos: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Reward]:
     settings = Settings.from_kwargs(kwargs)
     return await _coalescer(settings).score(_items(solution_strs, extra_infos, settings))
 
@@ -183,7 +199,7 @@ async def compute_score_async(
     ground_truth: Any = None,
     extra_info: Any = None,
     **reward_kwargs: Any,
-) -> float:
+) -> Reward:
     """One verl sample's reward, awaited (verl's asynchronous reward loop)."""
     return (await _score([solution_str], [extra_info], reward_kwargs))[0]
 
@@ -194,7 +210,7 @@ def compute_score(
     ground_truth: Any = None,
     extra_info: Any = None,
     **reward_kwargs: Any,
-) -> float:
+) -> Reward:
     """One verl sample's reward, blocking. Calls from several threads at once share requests."""
     return BackgroundLoop.shared().run(_score([solution_str], [extra_info], reward_kwargs))[0]
 
@@ -205,7 +221,7 @@ def compute_score_batch(
     ground_truths: Sequence[Any] = (),
     extra_infos: Sequence[Any] | None = None,
     **reward_kwargs: Any,
-) -> list[float]:
+) -> list[Reward]:
     """A batch's rewards, blocking (``reward_model.reward_manager=batch``)."""
     solution_strs = list(solution_strs)
     infos = [None] * len(solution_strs) if extra_infos is None else list(extra_infos)

@@ -275,3 +275,23 @@ def test_a_component_that_fails_to_load_fails_the_start_naming_it(tiny_reward_ch
     )
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"component 'bad' ({broken})" in result.stderr
+
+
+def test_the_client_and_verl_carry_each_component(combined):
+    from service.client import RewardClient
+    from service.verl import compute_score_batch
+
+    with RewardClient(combined.url) as client:
+        scores = client.score([PROMPT + "four", PROMPT + "five"])
+    assert set(scores.components) == {"enc", "dec"} and len(scores.components["dec"]) == 2
+    infos = [{"prompt": PROMPT}, {"prompt": PROMPT}]
+    rewards = compute_score_batch(
+        solution_strs=["four", "five"], extra_infos=infos, reward_service_url=combined.url
+    )  # verl's dict form: "score" is the reward, the other keys go to its reward_extra_info
+    expected = post(combined, "/score", {"items": [{"prompt": PROMPT, "response": r} for r in ("four", "five")]})
+    assert close([r["score"] for r in rewards], expected["scores"])
+    assert close([r["enc"] for r in rewards], expected["components"]["enc"])
+    plain = compute_score_batch(
+        solution_strs=["four"], extra_infos=infos[:1], reward_service_url=combined.url, components=False
+    )
+    assert isinstance(plain[0], float) and abs(plain[0] - expected["scores"][0]) <= TOL
