@@ -145,7 +145,7 @@ class Coalescer:
                 if not future.done():
                     future.set_exception(exc)
         else:
-            parts = result.components if self.components else {}
+            parts = (getattr(result, "components", None) or {}) if self.components else {}
             for i, (_, future) in enumerate(batch):
                 if not future.done():
                     score = result.scores[i]
