@@ -21,8 +21,10 @@ from service.backend import ModelInfo, ScoringBackend
 from service.batching import BatchObserver
 from service.combination import Combination, combined_version
 from service.engine import Engine, Scored, WaitForDisconnect, build_engine, scored_as, wait_all
+from service.errors import InvalidInput
 from service.settings import ServeSettings
 from training.checkpoint import normalize
+from training.formatting import Encoded
 
 logger = logging.getLogger("reward.service")
 
@@ -81,7 +83,7 @@ class Combined:
         wait_for_disconnect: WaitForDisconnect | None = None,
     ) -> CombinedScored:
         deadline = (started if started is not None else time.monotonic()) + self.request_timeout_s
-        encodings = [await group[0].engine.scorer.encode(items, locs) for group in self.groups]
+        encodings = [await _encode(group, items, locs) for group in self.groups]
         futures, order = [], []
         try:
             for encoded, group in zip(encodings, self.groups, strict=True):
@@ -110,6 +112,17 @@ class Combined:
         truncated = [any(s.truncated[i] for s in parts.values()) for i in range(count)]
         tokens = [max(s.tokens[i] for s in parts.values()) for i in range(count)]
         return CombinedScored(scores, truncated, tokens, dict(parts))
+
+
+async def _encode(
+    group: Sequence[Component], items: Sequence[Mapping[str, Any]], locs: Sequence[Sequence[str | int]]
+) -> list[Encoded]:
+    """The items' token ids for a group of components; a 422 says which models could not take an item."""
+    try:
+        return await group[0].engine.scorer.encode(items, locs)
+    except InvalidInput as exc:
+        names = ", ".join(f"'{c.name}'" for c in group)
+        raise InvalidInput(exc.loc, f"model {names}: {exc.message}", kind=exc.error_type) from exc
 
 
 @dataclass(frozen=True)

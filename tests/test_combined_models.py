@@ -295,3 +295,16 @@ def test_the_client_and_verl_carry_each_component(combined):
         solution_strs=["four"], extra_infos=infos[:1], reward_service_url=combined.url, components=False
     )
     assert isinstance(plain[0], float) and abs(plain[0] - expected["scores"][0]) <= TOL
+
+
+def test_an_item_one_model_cannot_take_is_a_422_naming_that_model(tiny_reward_checkpoint, tmp_path):
+    from tests.fixtures.models import build_tiny_bert
+
+    no_template = build_tiny_bert(tmp_path / "no-template", chat_template=None, seed=3)
+    with ThreadedServer(settings(f"enc={tiny_reward_checkpoint}", f"plain={no_template}")) as server:
+        response = httpx.post(server.url + "/score", json={"items": [ITEMS[0], ITEMS[2]]}, timeout=30)
+    assert response.status_code == 422
+    [detail] = response.json()["detail"]
+    assert (
+        detail["loc"] == ["body", "items", 1] and "model 'plain'" in detail["msg"] and "chat template" in detail["msg"]
+    )
