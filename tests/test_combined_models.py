@@ -308,3 +308,17 @@ def test_an_item_one_model_cannot_take_is_a_422_naming_that_model(tiny_reward_ch
     assert (
         detail["loc"] == ["body", "items", 1] and "model 'plain'" in detail["msg"] and "chat template" in detail["msg"]
     )
+
+
+def test_a_failing_forward_in_one_model_fails_the_request_and_the_service_goes_on(combined, monkeypatch):
+    dec = combined.runtime.served.component("dec").engine.batcher
+
+    def broken(batch):
+        raise RuntimeError("injected fault in the decoder")
+
+    monkeypatch.setattr(dec, "_forward", broken)
+    response = httpx.post(combined.url + "/score", json={"items": ITEMS}, timeout=60)
+    assert response.status_code == 500 and "injected fault" in response.text
+    monkeypatch.undo()
+    assert post(combined, "/score", {"items": ITEMS})["components"]["dec"]
+    assert all(e.batcher.queue_depth == 0 for e in combined.runtime.served.engines)
