@@ -45,8 +45,7 @@ def _named(entry: str) -> bool:
 
 
 class ServeSettings(BaseSettings):
-    """How to serve one reward model (or several, combined): where it is, how to run it, how to batch, and what to
-    refuse."""
+    """How to serve a reward model (or several, combined): where, how to run it, how to batch, what to refuse."""
 
     model_config = SettingsConfigDict(
         env_prefix="REWARD_",
