@@ -190,3 +190,20 @@ def test_data_is_a_local_file_or_a_hub_data_set_part(tiny_pairs_file, monkeypatc
     assert asked == [("Anthropic/hh-rlhf", None, "harmless-base", "test")] and hub_rows == rows
     assert source == "Anthropic/hh-rlhf (harmless-base, test)"
     assert parse_args(["--smoke"]).data == "demo"  # the smoke run stays offline unless given --data
+
+
+@pytest.mark.slow
+def test_telemetry_cost_under_load_times_both_services_in_turn(tmp_path, capsys):
+    from bench import telemetry_cost
+    from bench.tiny import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny")
+    argv = ["--repeats", "2", "--checkpoint", str(checkpoint), "--duration-s", "0.5", "--clients", "4"]
+    assert telemetry_cost.main([*argv, "--data", "demo"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("repeat")]
+    assert [line.split(":")[0] for line in lines] == [
+        f"repeat {r}, telemetry {side}" for r in (1, 2) for side in ("on ", "off")
+    ]
+    assert all(line.endswith(", 0 failed") and " 0.00 texts/s" not in line for line in lines)
+    assert "on / off per pair: " in out
