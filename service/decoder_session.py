@@ -77,10 +77,13 @@ class OnnxSteps:
             "last": last[None],
         }
         reward, new_keys, new_values = self.session.run(None, feeds)
+        scores = [float(r) for r in reward[0]]
+        if not prefix:
+            return scores, past
         kept = [np.ascontiguousarray(kv[:, :, :, : len(prefix)]) if suffixes else kv for kv in (new_keys, new_values)]
         if past is not None:
             kept = [np.concatenate([old, new], axis=3) for old, new in zip((keys, values), kept, strict=True)]
-        return [float(r) for r in reward[0]], (kept[0], kept[1])
+        return scores, (kept[0], kept[1])
 
     def prefix_and_suffixes(self, ids: Sequence[int], past: Any | None, suffixes: list[Sequence[int]]) -> tuple:
         """The keys and values of ``past`` and ``ids``, and the rewards of ``suffixes`` after them; the prefix
