@@ -8,10 +8,11 @@ completions: the pair's own chosen and rejected replies and G - 2 replies of oth
     python -m bench.decoder [--data hh-rlhf.jsonl] [--shape smollm2-135m] [--groups 4] [--repeats 3]
 
 times, in one process and interleaved (A B C A B C ...), one worker's forward (one thread) on the same groups:
-``onnx-shared`` (the ONNX Runtime decoder graph with past keys and values: each group's prompt once, each
-completion on its own), ``torch-shared`` (the same on torch, completions padded together), ``onnx`` (the ONNX
-Runtime full graph, one text per forward) and ``torch`` (the group padded, every text whole). ``--unshared``
-regroups the same texts so that nothing is shared.
+``onnx-shared`` (the ONNX Runtime decoder graph with past keys and values: each group's prompt once, its
+completions packed into rows of up to 256 tokens), ``onnx-unpacked`` (the same graph, one completion per session
+run), ``torch-shared`` (the same on torch, completions padded together), ``onnx`` (the ONNX Runtime full graph, one
+text per forward) and ``torch`` (the group padded, every text whole). ``--unshared`` regroups the same texts so
+that nothing is shared.
 """
 
 from __future__ import annotations
@@ -222,6 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.perf_counter()
         paths["onnx-shared"] = decoder_session.load(checkpoint, "bench", 1, cache_bytes=0)
         print(f"ONNX decoder graph ready in {time.perf_counter() - started:.0f} s", flush=True)
+    if "onnx-unpacked" in wanted:
+        from service import decoder_session
+
+        path = decoder_session.load(checkpoint, "bench", 1, cache_bytes=0).steps.path
+        steps = decoder_session.OnnxSteps(path, checkpoint.model, 1, pack_tokens=1)
+        paths["onnx-unpacked"] = PrefixSharingForward(checkpoint, "bench", cache_bytes=0, steps=steps)
     reference = [forward_scores(checkpoint, [ids])[0] for ids in groups[0]]
     for name in wanted:
         worst = max(abs(a - b) for a, b in zip(paths[name](groups[0]), reference, strict=True))

@@ -33,7 +33,7 @@ logger = logging.getLogger("reward.backend")
 MAX_SCORE_DIFF = 1e-5
 OPSET = 18
 # Raised whenever the way a graph is written changes, so that graphs cached by an earlier release are exported anew.
-GRAPH_REVISION = 2
+GRAPH_REVISION = 3
 CHECK_TEXTS = (
     "Warm-up: is this a helpful answer?",
     "Human: How do I bake bread?\n\nAssistant: Mix flour, water, salt and yeast, let it rise, then bake it.",

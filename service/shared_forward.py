@@ -90,6 +90,11 @@ class TorchSteps:
         out = self.base(input_ids=input_ids, cache=cache, use_cache=True)
         return [(layer.keys, layer.values) for layer in out.cache.layers]
 
+    def prefix_and_suffixes(self, ids: Sequence[int], past: Any | None, suffixes: list[Sequence[int]]) -> tuple:
+        """The keys and values of ``past`` followed by ``ids``, and the reward of each of ``suffixes`` after them."""
+        kv = self.prefix(ids, past)
+        return kv, self.suffixes(suffixes, kv)
+
     def suffixes(self, suffixes: list[Sequence[int]], kv: Any) -> list[float]:
         """The reward of each of ``suffixes`` after the prefix ``kv``: one right-padded batch against its keys and
         values (expanded, not copied, to the batch)."""
@@ -236,16 +241,16 @@ class PrefixSharingForward:
                 return (kept, False), steps.nbytes(kept)
 
             self.cache.replace(entry, entry.ids[:shared], trimmed)
+        suffixes = [ids[prefix:] for ids in members]
         if entry is not None and known == prefix:
-            kv = steps.sliced(entry.payload[0], prefix)
+            rewards = steps.suffixes(suffixes, steps.sliced(entry.payload[0], prefix))
         else:
             past = steps.sliced(entry.payload[0], known) if entry is not None and known else None
-            kv = steps.prefix(prefix_ids[known:], past)
+            kv, rewards = steps.prefix_and_suffixes(prefix_ids[known:], past, suffixes)
             computed += prefix - known
             if self.cache.enabled:
                 self.cache.put(prefix_ids, (kv, False), steps.nbytes(kv))
-        suffixes = [ids[prefix:] for ids in members]
-        for ids, score in zip(members, steps.suffixes(suffixes, kv), strict=True):
+        for ids, score in zip(members, rewards, strict=True):
             scores[ids] = score
         return computed + sum(len(s) for s in suffixes)
 

@@ -154,6 +154,71 @@ def test_a_cache_under_pressure_evicts_and_stays_within_its_size(checkpoint, sha
     assert_close(scores, alone(checkpoint, batch))
 
 
+def test_completions_of_very_different_lengths_one_token_and_a_group_of_one(checkpoint, sharing):
+    """Completions packed into one run (ONNX) or padded into one batch (torch) are each read at their own last
+    token: a one-token completion next to long ones, a group of one after a cached prompt."""
+    long = " and then" * 12
+    completions = [" no", long, " a", " sorry I do not know", long + " really", " b"]
+    batch = encode(checkpoint, [PROMPT + c for c in completions])
+    forward = sharing(1 << 20)
+    assert_close(forward(batch), alone(checkpoint, batch))
+    lone = encode(checkpoint, [PROMPT + " yes"])  # the prompt is cached: a group of one, one token of its own
+    assert_close(forward(lone), alone(checkpoint, lone))
+    assert forward.stats().cache_hits >= 1
+
+
+def test_a_cached_prompt_extended_by_a_longer_shared_prefix(checkpoint, sharing):
+    """A group sharing more than a cached prompt computes only the difference, after the cached keys and values."""
+    forward = sharing(1 << 20)
+    first = encode(checkpoint, [PROMPT + c for c in COMPLETIONS[2:4]])
+    forward(first)  # caches the prompt
+    computed = forward.stats().tokens_computed
+    second = encode(checkpoint, [PROMPT + " a bad answer is" + c for c in (" rude", " wrong and vague")])
+    assert_close(forward(second), alone(checkpoint, second))
+    assert forward.stats().tokens_computed - computed < len(second[0])  # not even one text whole
+
+
+@pytest.mark.parametrize("pack_tokens", [1, 24, 256])
+def test_onnx_packs_a_groups_completions_into_few_runs(checkpoint, pack_tokens):
+    """The ONNX path runs the prompt and as many completions as fit in ``pack_tokens`` in one session run, each
+    completion read at its own last token, whatever the bins."""
+    pytest.importorskip("onnxruntime")
+    from service import decoder_session
+
+    path = decoder_session.load(checkpoint, "test", 1, cache_bytes=0).steps.path
+    steps = decoder_session.OnnxSteps(path, checkpoint.model, 1, pack_tokens=pack_tokens)
+    runs = []
+    session_run = steps.session.run
+    steps.session.run = lambda names, feeds: runs.append(feeds["last"].shape[1]) or session_run(names, feeds)
+    batch = encode(checkpoint, [PROMPT + c for c in [*COMPLETIONS, " x"]])
+    forward = PrefixSharingForward(checkpoint, "v", cache_bytes=0, steps=steps)
+    assert_close(forward(batch), alone(checkpoint, batch))
+    assert sum(runs) == len(batch)  # every completion read once
+    if pack_tokens == 1:
+        assert len(runs) == len(batch)  # one completion a run, the prompt with the first
+    elif pack_tokens == 24:
+        assert 1 < len(runs) < len(batch)
+    else:
+        assert len(runs) == 1
+
+
+def test_packed_inputs_restart_positions_and_hide_other_completions():
+    from service.decoder_session import packed_inputs
+
+    positions, mask, last = packed_inputs(past=1, prefix=2, suffixes=[1, 3])
+    assert positions.tolist() == [1, 2, 3, 3, 4, 5]
+    assert last.tolist() == [2, 5]
+    seen = (mask == 0).astype(int).tolist()  # columns: the past, then the row's 6 tokens
+    assert seen == [
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 1, 0, 0],
+        [1, 1, 1, 0, 1, 1, 0],
+        [1, 1, 1, 0, 1, 1, 1],
+    ]
+
+
 def test_plan_groups_computes_the_fewest_tokens():
     prompt = list(range(100, 140))
     a, b, c = prompt + [1, 2], prompt + [3], prompt + [4, 5, 6]

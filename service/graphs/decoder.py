@@ -1,17 +1,19 @@
 """The ONNX graph of a causal (decoder) reward model with past keys and values, and the last layer only where the
 reward is read.
 
-One graph serves the three steps of prefix sharing (:class:`service.shared_forward.PrefixSharingForward`):
+One graph serves the steps of prefix sharing (:class:`service.shared_forward.PrefixSharingForward`):
 
     inputs:  input_ids (batch, new), positions (new,), mask (new, past + new), past_keys, past_values
-             (layers, batch, kv heads, past, head size), last (batch,): the position of each row's reward in input_ids
-    outputs: reward (batch,), keys, values (layers, batch, kv heads, past + new, head size)
+             (layers, batch, kv heads, past, head size), last (batch, reads): where each row's rewards are read
+    outputs: reward (batch, reads), keys, values (layers, batch, kv heads, new, head size): the new tokens' only
 
 ``past`` may be 0 (a text computed whole). Every layer but the last runs over the new tokens; the last layer forms
 keys and values for all of them (they are kept for later texts), but its query, attention output and feed-forward
-only at ``last``: nothing else of the last layer reaches the reward. Rows are right-padded, so the mask is the
-causal one, offset by ``past``. Written for the Llama family's layer (Llama, Mistral, Qwen2, Qwen3 with its query
-and key norms), from the model's own modules, and checked against torch before use (``service.decoder_session.load``).
+only at ``last``: nothing else of the last layer reaches the reward. ``positions`` and ``mask`` are the caller's,
+shared by the rows: the causal mask offset by ``past`` for right-padded rows, or one row holding several texts
+after a common prefix, each seeing only the prefix and itself (:func:`service.decoder_session.packed_inputs`),
+read at several places. Written for the Llama family's layer (Llama, Mistral, Qwen2, Qwen3 with its query and key
+norms), from the model's own modules, and checked against torch before use (``service.decoder_session.load``).
 """
 
 from __future__ import annotations
@@ -50,22 +52,21 @@ def _heads(projection: Any, norm: Any, x: Any, count: int, size: int) -> Any:
 
 def _attention(layer: Any, x: Any, queries: Any, rope: tuple, query_rope: tuple, mask: Any, past: tuple) -> tuple:
     """One layer's attention: keys and values of ``x`` after ``past``'s, queries of ``queries``; returns the
-    output projection and the keys and values so far. Query heads are grouped under their key/value head."""
+    output projection and the keys and values of ``x``. Query heads are grouped under their key/value head."""
     import torch
 
     attn = layer.self_attn
     heads, kv_heads, size = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
     group = heads // kv_heads
-    keys = torch.cat(
-        [past[0], _rotate(_heads(attn.k_proj, getattr(attn, "k_norm", None), x, kv_heads, size), *rope)], 2
-    )
-    values = torch.cat([past[1], _heads(attn.v_proj, None, x, kv_heads, size)], 2)
+    new_keys = _rotate(_heads(attn.k_proj, getattr(attn, "k_norm", None), x, kv_heads, size), *rope)
+    new_values = _heads(attn.v_proj, None, x, kv_heads, size)
+    keys, values = torch.cat([past[0], new_keys], 2), torch.cat([past[1], new_values], 2)
     q = _rotate(_heads(attn.q_proj, getattr(attn, "q_norm", None), queries, heads, size), *query_rope)
     batch, _, count, _ = q.shape
     q = q.reshape(batch, kv_heads, group * count, size)
     weights = (q @ keys.transpose(-1, -2) * attn.scaling).view(batch, kv_heads, group, count, -1) + mask
     context = (weights.softmax(-1).view(batch, kv_heads, group * count, -1) @ values).view(batch, heads, count, size)
-    return attn.o_proj(context.transpose(1, 2).reshape(batch, count, heads * size)), keys, values
+    return attn.o_proj(context.transpose(1, 2).reshape(batch, count, heads * size)), new_keys, new_values
 
 
 def _forward(base: Any, score: Any, label_index: int, inputs: tuple) -> tuple:
@@ -77,27 +78,27 @@ def _forward(base: Any, score: Any, label_index: int, inputs: tuple) -> tuple:
     hidden = base.embed_tokens(input_ids)
     cos, sin = base.rotary_emb(hidden, positions[None])
     rope = (cos[:, None], sin[:, None])  # (1, 1, new, size)
-    rows = torch.arange(input_ids.shape[0])
     *inner, final = base.layers
-    kept_keys, kept_values = [], []
+    new_keys, new_values = [], []
     for index, layer in enumerate(inner):
         x = layer.input_layernorm(hidden)
         past = (past_keys[index], past_values[index])
         out, k, v = _attention(layer, x, x, rope, rope, mask[None, None, None], past)
         hidden = hidden + out
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        kept_keys.append(k)
-        kept_values.append(v)
+        new_keys.append(k)
+        new_values.append(v)
     x = final.input_layernorm(hidden)
-    at = x[rows, last][:, None]  # (batch, 1, width): the last layer's queries at the read positions only
-    query_rope = (cos[0, last][:, None, None], sin[0, last][:, None, None])
-    row_mask = mask[last][:, None, None, None]  # (batch, 1, 1, 1, past + new)
+    read = last[:, :, None].expand(-1, -1, x.shape[-1])
+    at = x.gather(1, read)  # (batch, reads, width): the last layer's queries at the read positions only
+    query_rope = (cos[0][last][:, None], sin[0][last][:, None])  # (batch, 1, reads, size)
+    row_mask = mask[last][:, None, None]  # (batch, 1, 1, reads, past + new)
     past = (past_keys[len(inner)], past_values[len(inner)])
     out, k, v = _attention(final, x, at, rope, query_rope, row_mask, past)
-    h = hidden[rows, last][:, None] + out
+    h = hidden.gather(1, read) + out
     h = h + final.mlp(final.post_attention_layernorm(h))
-    reward = score(base.norm(h))[:, 0, label_index]
-    return reward, torch.stack([*kept_keys, k]), torch.stack([*kept_values, v])
+    reward = score(base.norm(h))[..., label_index]
+    return reward, torch.stack([*new_keys, k]), torch.stack([*new_values, v])
 
 
 def reward_graph(model: Any, label_index: int) -> Any:
@@ -151,7 +152,7 @@ def sample_inputs(model: Any) -> tuple[dict[str, Any], dict[str, dict[int, str]]
         "mask": torch.from_numpy(causal_mask(past, new)),
         "past_keys": torch.zeros(kv_shape(model, batch, past)),
         "past_values": torch.zeros(kv_shape(model, batch, past)),
-        "last": torch.tensor([new - 1, 1]),
+        "last": torch.tensor([[new - 1, 1], [2, 0]]),
     }
     kv_axes = {1: "batch", 3: "past"}
     axes = {
@@ -160,9 +161,9 @@ def sample_inputs(model: Any) -> tuple[dict[str, Any], dict[str, dict[int, str]]
         "mask": {0: "new", 1: "total"},
         "past_keys": kv_axes,
         "past_values": kv_axes,
-        "last": {0: "batch"},
-        "reward": {0: "batch"},
-        "keys": {1: "batch", 3: "total"},
-        "values": {1: "batch", 3: "total"},
+        "last": {0: "batch", 1: "reads"},
+        "reward": {0: "batch", 1: "reads"},
+        "keys": {1: "batch", 3: "new"},
+        "values": {1: "batch", 3: "new"},
     }
     return inputs, axes
