@@ -85,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, path in settings.components:
         if not Path(path).is_dir():
             named = f"{name}={path}" if name is not None else path
+            if "," in path and all(Path(part).is_dir() for part in path.split(",")):  # --model /a --model /b
+                print(f"reward-serve: several --model given ({path}): name every one as NAME=PATH", file=sys.stderr)
+                return 2
             print(f"reward-serve: --model {named}: no such checkpoint folder", file=sys.stderr)
             return 2
     logging.basicConfig(

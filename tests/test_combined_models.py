@@ -262,6 +262,8 @@ def test_cli_names_a_missing_component_folder(tiny_reward_checkpoint, capsys):
 
     assert main(["--model", f"enc={tiny_reward_checkpoint}", "--model", "dec=/no/such/folder"]) == 2
     assert "--model dec=/no/such/folder: no such checkpoint folder" in capsys.readouterr().err
+    assert main(["--model", str(tiny_reward_checkpoint), "--model", str(tiny_reward_checkpoint)]) == 2
+    assert "name every one as NAME=PATH" in capsys.readouterr().err
 
 
 @pytest.mark.slow
