@@ -15,12 +15,12 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from service.backend import ModelInfo, ScoringBackend
 from service.batching import BatchObserver
 from service.combination import Combination, combined_version
-from service.engine import Engine, Scored, WaitForDisconnect, build_engine, scored_as, wait_all
+from service.engine import Engine, Scored, Scorer, WaitForDisconnect, build_engine, scored_as, wait_all
 from service.errors import InvalidInput
 from service.settings import ServeSettings
 from training.checkpoint import normalize
@@ -49,17 +49,6 @@ class CombinedScored(Scored):
     """The combined scores (``scores``), truncation by any component, and each component's own."""
 
     components: dict[str, Scored] = field(default_factory=dict)
-
-
-class ScorerLike(Protocol):
-    async def run(
-        self,
-        items: Sequence[Mapping[str, Any]],
-        *,
-        locs: Sequence[Sequence[str | int]],
-        started: float | None = None,
-        wait_for_disconnect: WaitForDisconnect | None = None,
-    ) -> Scored: ...
 
 
 class Combined:
@@ -131,7 +120,7 @@ class Served:
 
     components: tuple[Component, ...]
     combination: Combination | None  # None: one model, served as it is
-    scorer: ScorerLike
+    scorer: Scorer | Combined  # the one model's own scorer, or the combination's
     model: ModelInfo  # what the answers name: the one model, or the combination (name "a+b", its own version)
 
     @property
