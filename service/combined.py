@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from service.backend import ModelInfo, ScoringBackend
@@ -44,13 +44,6 @@ class Component:
         return replace(self.engine.info, name=self.name)
 
 
-@dataclass(frozen=True)
-class CombinedScored(Scored):
-    """The combined scores (``scores``), truncation by any component, and each component's own."""
-
-    components: dict[str, Scored] = field(default_factory=dict)
-
-
 class Combined:
     """Scores items with every component and combines them as declared."""
 
@@ -70,7 +63,7 @@ class Combined:
         locs: Sequence[Sequence[str | int]],
         started: float | None = None,
         wait_for_disconnect: WaitForDisconnect | None = None,
-    ) -> CombinedScored:
+    ) -> Scored:
         deadline = (started if started is not None else time.monotonic()) + self.request_timeout_s
         encodings = [await _encode(group, items, locs) for group in self.groups]
         futures, order = [], []
@@ -87,7 +80,7 @@ class Combined:
         parts = {name: scored_as(encoded, scores) for (name, encoded), scores in zip(order, results, strict=True)}
         return self.combine({c.name: parts[c.name] for c in self.components})
 
-    def combine(self, parts: Mapping[str, Scored]) -> CombinedScored:
+    def combine(self, parts: Mapping[str, Scored]) -> Scored:
         """The declared combination of the components' scores, item by item."""
         inputs = dict(parts)
         if self.combination.scores == "normalized":
@@ -100,7 +93,7 @@ class Combined:
         scores = [self.combination.apply({n: s.scores[i] for n, s in inputs.items()}) for i in range(count)]
         truncated = [any(s.truncated[i] for s in parts.values()) for i in range(count)]
         tokens = [max(s.tokens[i] for s in parts.values()) for i in range(count)]
-        return CombinedScored(scores, truncated, tokens, dict(parts))
+        return Scored(scores, truncated, tokens, dict(parts))
 
 
 async def _encode(
@@ -136,7 +129,7 @@ class Served:
 
     def parts(self, scored: Scored) -> list[tuple[ModelInfo, Scored]]:
         """Each component's model and scores, for telemetry."""
-        if isinstance(scored, CombinedScored):
+        if scored.components:
             return [(c.info, scored.components[c.name]) for c in self.components if c.name in scored.components]
         return [(self.model, scored)]
 
@@ -144,7 +137,7 @@ class Served:
         """The answer to no items (keeps the component keys)."""
         if not self.several:
             return Scored([], [], [])
-        return CombinedScored([], [], [], {c.name: Scored([], [], []) for c in self.components})
+        return Scored([], [], [], {c.name: Scored([], [], []) for c in self.components})
 
 
 def serve(components: Sequence[Component], combination: Combination | None, request_timeout_s: float) -> Served:

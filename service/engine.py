@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -54,6 +54,8 @@ class Scored:
     scores: list[float]
     truncated: list[bool]
     tokens: list[int]  # each item's token count once formatted (and truncated)
+    # several models served combined: each one's own (``scores`` is then the combination, ``truncated`` by any)
+    components: dict[str, Scored] = field(default_factory=dict)
 
 
 def _characters_within(items: Sequence[Mapping[str, Any]], limit: int) -> bool:

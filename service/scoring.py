@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from service.combined import CombinedScored, Served
+from service.combined import Served
 from service.engine import Scored, WaitForDisconnect
 from service.errors import InvalidInput
 from service.lifecycle import Lifecycle
@@ -166,11 +166,10 @@ class ScoringService:
                     raise InvalidInput(list(pair.loc), str(exc)) from exc
                 locs += [[*pair.loc, "chosen"], [*pair.loc, "rejected"]]
             scored = await self._score(request, payloads, locs, started)
-            parts = scored.components if isinstance(scored, CombinedScored) else {}
             return PairScores(
                 scored.scores[0::2],
                 scored.scores[1::2],
-                {name: PairScores(s.scores[0::2], s.scores[1::2]) for name, s in parts.items()},
+                {name: PairScores(s.scores[0::2], s.scores[1::2]) for name, s in scored.components.items()},
             )
 
     def _check_normalize(self, normalize_scores: bool) -> None:

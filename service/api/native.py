@@ -5,19 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service.api.common import SCORING_ERRORS, scoring_of
-from service.combined import CombinedScored
-from service.engine import Scored
 from service.schemas import CompareRequest, CompareResponse, ScoreRequest, ScoreResponse
 from service.scoring import Item
 
 router = APIRouter(tags=["scoring"], responses=SCORING_ERRORS)
-
-
-def _components(scored: Scored) -> dict[str, list[float]] | None:
-    """Each component's scores when several models are served combined (absent for one model)."""
-    if not isinstance(scored, CombinedScored):
-        return None
-    return {name: part.scores for name, part in scored.components.items()}
 
 
 @router.post("/score", response_model=ScoreResponse, response_model_exclude_none=True)
@@ -34,7 +25,7 @@ async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         model=model.name,
         model_version=model.version,
         normalized=body.normalize,
-        components=_components(scored),
+        components={name: part.scores for name, part in scored.components.items()} or None,
     )
 
 

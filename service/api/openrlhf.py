@@ -13,7 +13,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service.api.common import SCORING_ERRORS, scoring_of
-from service.combined import CombinedScored
 from service.schemas import GetRewardRequest, GetRewardResponse
 from service.scoring import Item
 
@@ -27,6 +26,6 @@ async def get_reward(body: GetRewardRequest, request: Request) -> GetRewardRespo
     scored = await scoring_of(request).score(request, items, field="query")
     # floats, not booleans: OpenRLHF makes a tensor of each value and averages it for its logs
     logs = {"truncated": [float(t) for t in scored.truncated]}
-    if isinstance(scored, CombinedScored):  # several models: each one's score, logged by OpenRLHF under its name
-        logs.update({name: part.scores for name, part in scored.components.items()})
+    # several models: each one's score, logged by OpenRLHF under its name
+    logs.update({name: part.scores for name, part in scored.components.items()})
     return GetRewardResponse(rewards=scored.scores, scores=scored.scores, extra_logs=logs)
