@@ -15,8 +15,8 @@ prefix cache, vLLM without), ``--repeats`` times:
 
 Both servers score the same token ids: the service appends the tokenizer's eos (its decoder recipe), and vLLM is
 sent each text with the eos token written out, which its tokenizer reads as that one token. The report gives
-texts/s, p50/p99 latency, failed requests by status, the ratios to vLLM, and the service's tokens computed per token
-scored (from its ``/metrics``).
+texts/s, p50/p99 latency, failed requests by status, the ratios to vLLM, and each server's tokens computed per token
+scored (from its ``/metrics``: the service's own counters; vLLM's prompt tokens less its prefix-cache hits).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def payloads(groups: list[list[str]], pattern: str, api: str, eos: str, max_leng
 
 
 def run_one(server: Server, route: str, bodies, clients: int, warmup_s: float, duration_s: float, timeout: float):
-    scrape = (lambda: parse_metrics(_get(server.url + "/metrics"))) if server.name == "service" else None
-    before = scrape() if scrape else {}
+    scrape = lambda: parse_metrics(_get(server.url + "/metrics"))  # noqa: E731
+    before = scrape()
     result = loadgen.run(
         lambda: loadgen.closed_loop(
             server.url + route, bodies, concurrency=clients, warmup_s=warmup_s, duration_s=duration_s, timeout=timeout
@@ -72,15 +72,28 @@ def run_one(server: Server, route: str, bodies, clients: int, warmup_s: float, d
     )
     summary = result.summary()
     summary.pop("latencies_ms", None)
-    if scrape:
-        after = scrape()
-        # Counters (``_total``) as what this run added; gauges (cache bytes, entries, capacity) as they stand after it.
-        summary["service_counters"] = {
-            k: after[k] - before.get(k, 0.0) if k.endswith("_total") else after[k]
-            for k in after
-            if k.startswith("reward_tokens_") or "prefix" in k
-        }
+    after = scrape()
+    # Counters (``_total``) as what this run added; gauges (cache bytes, entries, capacity) as they stand after it.
+    # vLLM's own: prompt tokens, and prompt tokens looked up in / found in its prefix cache.
+    summary["counters"] = {
+        k: after[k] - before.get(k, 0.0) if k.endswith("_total") else after[k]
+        for k in after
+        if (k.startswith("reward_tokens_") or "prefix" in k or k == "vllm:prompt_tokens_total")
+        and not k.endswith("_created")
+    }
     return summary
+
+
+def computed_share(counters: dict[str, float]) -> float | None:
+    """Tokens computed per token scored: the service's own counters, or for vLLM its prompt tokens less those its
+    prefix cache held."""
+    scored, computed = counters.get("reward_tokens_scored_total"), counters.get("reward_tokens_computed_total")
+    if scored and computed is not None:
+        return computed / scored
+    prompt, hits = counters.get("vllm:prompt_tokens_total"), counters.get("vllm:prefix_cache_hits_total")
+    if prompt:
+        return (prompt - (hits or 0.0)) / prompt
+    return None
 
 
 def _get(url: str) -> str:
@@ -150,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(
                         f"[{repeat}] {pattern:5} {name:14} {summary['texts_per_s']:7.2f} texts/s "
                         f"p50 {lat['p50']} p99 {lat['p99']} ms failed {summary['failed_requests']} "
-                        f"{summary['errors'] or ''} {summary.get('service_counters', '')}",
+                        f"{summary['errors'] or ''} {summary['counters']}",
                         flush=True,
                     )
     finally:
@@ -180,13 +193,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"mean {report['mean_tokens_per_text']:.0f} tokens, {report['mean_prompt_tokens']:.0f} of them the prompt.",
         cpu_line(report["machine"]),
         "",
-        "| repeat | pattern | server | texts/s | p50 ms | p99 ms | failed | service tokens computed / scored |",
+        "| repeat | pattern | server | texts/s | p50 ms | p99 ms | failed | tokens computed / scored |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in report["runs"]:
-        c = r.get("service_counters") or {}
-        scored, computed = c.get("reward_tokens_scored_total"), c.get("reward_tokens_computed_total")
-        share = f"{computed / scored:.2f}" if scored and computed is not None else ""
+        computed = computed_share(r["counters"])
+        share = f"{computed:.2f}" if computed is not None else ""
         lat = r["latency_ms"]
         lines.append(
             f"| {r['repeat']} | {r['pattern']} | {r['server']} | {r['texts_per_s']:.2f} | {lat['p50']} | {lat['p99']} "

@@ -21,13 +21,10 @@ How a batch is formed:
 - with ``window_items`` set, the neighbours are chosen among the ``window_items`` oldest waiting items only: an item
   is then overtaken by at most that many later arrivals, which bounds the latency tail under many one-text clients
   (each chosen by length from the whole queue, an item of an uncommon length waits until it is the oldest of all);
-- with ``group_prefix_tokens`` set (a decoder backend that computes shared prompt prefixes once), an oldest item
-  with prefix siblings waiting (items sharing at least that many leading tokens with it: the rest of its GRPO
-  group) is taken with them, then the next oldest item with its own siblings, and so on while the batch's cost
-  (each group's prefix once plus its members' padded suffixes, the rest padded together) stays within
-  ``max_batch_tokens``; an oldest item without siblings is batched by length as above;
-- when the queue is short, the worker waits up to ``max_wait`` (counted from the oldest item's arrival) for more;
-  while a batch runs, the next one fills;
+- with ``group_prefix_tokens`` set (a decoder backend that computes shared prompt prefixes once), the oldest item
+  with its prefix siblings (the rest of its GRPO group), then the next oldest with its own, ... while the tokens
+  computed (:func:`group_cost`) fit ``max_batch_tokens``; an oldest item without siblings goes by length as above;
+- when the queue is short, a worker waits up to ``max_wait`` (from the oldest item's arrival) for more;
 - items of a request that is gone (its future cancelled: timeout, client disconnect) are skipped, never computed.
 
 A forward that raises fails the requests of that batch only (their futures get :class:`ForwardFailed`); a forward
@@ -114,6 +111,7 @@ class BatchLimits:
     overhead_tokens: int = 0  # a forward's fixed cost in tokens: a batch stops growing when padding costs more
     window_items: int = 0  # neighbours come from this many oldest waiting items; 0: from all of them
     group_prefix_tokens: int = 0  # items sharing this many leading tokens go together (prefix sharing); 0: off
+    pads: bool = True  # the forward pads a group's suffixes to the longest; False: it computes each one's tokens only
 
 
 @dataclass(frozen=True)
@@ -238,13 +236,20 @@ def select_batch(waiting: Sequence[Waiting], limits: BatchLimits) -> list[int]:
     return by_length[lo : hi + 1]
 
 
+def group_cost(prefix: int, longest: int, total: int, count: int, pads: bool) -> int:
+    """The tokens a forward computes for ``count`` items of ``total`` tokens, the longest ``longest``, sharing their
+    first ``prefix``: the prefix once, then the suffixes padded to the longest (``pads``) or packed. Overstating it
+    cuts groups, and the rest of a cut group may run on another worker before its prefix is cached."""
+    return prefix + ((longest - prefix) * count if pads else total - prefix * count)
+
+
 def select_groups(waiting: Sequence[Waiting], live: list[int], limits: BatchLimits) -> list[int] | None:
     """Whole prefix groups, oldest first: the oldest live item and its siblings (live items whose first
     ``group_prefix_tokens`` token ids equal its own, wherever they wait), then the next oldest item left (among the
     ``window_items`` oldest, with a window) and its siblings, ... while the
-    batch's cost fits ``max_batch_tokens`` and its count ``max_batch_size`` (a group that does not fit whole is cut,
-    and ends the batch). A group's cost is its common prefix once plus its longest suffix times its count; items
-    without siblings are padded together. None when the oldest item has no sibling; else indices in age order."""
+    batch's cost (:func:`group_cost`; items without siblings padded together, or with ``pads`` False summed) fits
+    ``max_batch_tokens`` and its count ``max_batch_size``; a group that does not fit whole is cut, and ends the
+    batch. None when the oldest item has no sibling; else indices in age order."""
     width = limits.group_prefix_tokens
     window = live[: limits.window_items] if limits.window_items else live
 
@@ -267,7 +272,7 @@ def select_groups(waiting: Sequence[Waiting], live: list[int], limits: BatchLimi
     alone: list[int] = []  # lengths of the items without siblings, padded together
 
     def fits(extra_groups: int, alone_lengths: list[int]) -> bool:
-        padded = max(alone_lengths, default=0) * len(alone_lengths)
+        padded = max(alone_lengths, default=0) * len(alone_lengths) if limits.pads else sum(alone_lengths)
         return groups + extra_groups + padded <= limits.max_batch_tokens
 
     for i in window:
@@ -277,15 +282,15 @@ def select_groups(waiting: Sequence[Waiting], live: list[int], limits: BatchLimi
         family = [j for j in families[key] if j not in taken] if key is not None else [i]  # i is its oldest
         members = [i]
         ids = waiting[i].ids
-        prefix, longest, cost = len(ids) - 1, len(ids), len(ids)  # the group's shared prefix, longest item, cost
+        prefix, longest, total, cost = len(ids) - 1, len(ids), len(ids), len(ids)  # shared, longest, sum, cost
         for j in family[1:]:
             shared = min(prefix, common_prefix(ids, waiting[j].ids), waiting[j].length - 1)
-            wider = max(longest, waiting[j].length)
-            more = shared + (wider - shared) * (len(members) + 1)
+            wider, longer = max(longest, waiting[j].length), total + waiting[j].length
+            more = group_cost(shared, wider, longer, len(members) + 1, limits.pads)
             if len(chosen) + len(members) >= limits.max_batch_size or not fits(more, alone):
                 break
             members.append(j)
-            prefix, longest, cost = shared, wider, more
+            prefix, longest, total, cost = shared, wider, longer, more
         if len(members) == 1:
             if chosen and (len(chosen) >= limits.max_batch_size or not fits(0, [*alone, waiting[i].length])):
                 break

@@ -215,7 +215,8 @@ def batch_limits(settings: ServeSettings, backend: ScoringBackend | None = None)
     device, dtype = (backend.info.device, backend.info.dtype) if backend is not None else (s.device, s.dtype)
     # First come, first served when nothing is padded (a text's wait then depends only on its arrival); grouping
     # by length where batches are padded.
-    default_window = 1 if not getattr(backend, "pads_batches", True) else 0
+    pads = getattr(backend, "pads_batches", True)
+    default_window = 1 if not pads else 0
     return BatchLimits(
         s.batch_tokens_for(device, dtype),
         s.max_batch_size,
@@ -224,6 +225,7 @@ def batch_limits(settings: ServeSettings, backend: ScoringBackend | None = None)
         s.batch_overhead_tokens,
         s.batch_window_items if s.batch_window_items is not None else default_window,
         BLOCK_TOKENS if getattr(backend, "shares_prefixes", False) else 0,  # keep prefix groups together
+        pads,
     )
 
 

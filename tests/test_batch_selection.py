@@ -31,9 +31,9 @@ def items(*lengths: int, abandoned: tuple[int, ...] = ()) -> list[Item]:
 PROMPT = 100
 
 
-def limits(tokens: int = 2048, size: int = 32, overhead: int = 0, group: int = 0) -> BatchLimits:
+def limits(tokens: int = 2048, size: int = 32, overhead: int = 0, group: int = 0, pads: bool = True) -> BatchLimits:
     return BatchLimits(
-        max_batch_tokens=tokens, max_batch_size=size, overhead_tokens=overhead, group_prefix_tokens=group
+        max_batch_tokens=tokens, max_batch_size=size, overhead_tokens=overhead, group_prefix_tokens=group, pads=pads
     )
 
 
@@ -139,6 +139,17 @@ def test_a_group_costs_its_prefix_once():
     assert len(select_batch(waiting, limits(tokens=1024))) == 7
 
 
+def test_a_forward_that_packs_counts_each_suffix_not_the_longest():
+    # A GRPO group with one long reply: 100 + 5 x 200 = 1100 padded, 100 + 200 + 4 x 20 = 380 packed.
+    waiting = grouped((300, 4), (120, 4), (120, 4), (120, 4), (120, 4))
+    assert select_batch(waiting, limits(tokens=1024, group=16)) == [0, 1, 2, 3]
+    assert select_batch(waiting, limits(tokens=1024, group=16, pads=False)) == [0, 1, 2, 3, 4]
+    # Items without siblings cost their own lengths, not the longest times the count: 380 + 300 + 100 = 780.
+    more = [*waiting, *grouped((300, -1), (100, -1))]
+    assert select_batch(more, limits(tokens=800, group=16, pads=False)) == [0, 1, 2, 3, 4, 5, 6]
+    assert select_batch(more, limits(tokens=800, group=16)) == [0, 1, 2]
+
+
 def test_whole_groups_follow_in_age_order_while_they_fit():
     waiting = grouped((130, 1), (60, 9), (130, 2), (130, 1), (130, 2), (130, 3), (130, 3))
     # Group 1 (2 x 30 + 100 = 160), the lone 60 (60), group 2 (160): 380; group 3 would make 540 > 400.
@@ -164,10 +175,11 @@ def test_grouping_skips_abandoned_items_and_falls_back_without_siblings():
     dead=st.sets(st.integers(min_value=0, max_value=39)),
     tokens=st.integers(min_value=1, max_value=4096),
     size=st.integers(min_value=1, max_value=40),
+    pads=st.booleans(),
 )
-def test_grouped_selection_invariants(specs, dead, tokens, size):
+def test_grouped_selection_invariants(specs, dead, tokens, size, pads):
     waiting = grouped(*specs, abandoned=tuple(dead))
-    chosen = select_batch(waiting, limits(tokens=tokens, size=size, group=16))
+    chosen = select_batch(waiting, limits(tokens=tokens, size=size, group=16, pads=pads))
     live = [i for i, item in enumerate(waiting) if not item.abandoned]
     if not live:
         assert chosen == []

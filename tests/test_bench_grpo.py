@@ -26,6 +26,6 @@ def test_grpo_benchmark_runs_every_pattern_and_shares_prompts(tmp_path):
     assert [r["pattern"] for r in report["runs"]] == ["group", "text", "4x64"]
     for run in report["runs"]:
         assert run["texts_per_s"] > 0 and run["failed_requests"] == 0, run
-        counters = run["service_counters"]
+        counters = run["counters"]
         assert counters["reward_tokens_computed_total"] < counters["reward_tokens_scored_total"], counters
     assert "service ÷ vLLM" in (out / "grpo.md").read_text()
