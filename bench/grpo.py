@@ -2,6 +2,7 @@
 with and without its prefix cache, interleaved in one run.
 
     python -m bench.grpo [--data Anthropic/hh-rlhf | FILE.jsonl] [--shape smollm2-135m] [--duration-s 30] [--repeats 2]
+                         [--groups 960 --fresh-prompts]
 
 The model and texts are :mod:`bench.decoder`'s: a random-weight sequence classifier of a real shape (speed does not
 depend on weight values) with a byte-level BPE tokenizer of 16k trained in-process on the data, and GRPO-shaped
@@ -14,9 +15,13 @@ prefix cache, vLLM without), ``--repeats`` times:
 - ``4x64``: 4 clients, 8 groups per request (a rollout step in few large requests).
 
 Both servers score the same token ids: the service appends the tokenizer's eos (its decoder recipe), and vLLM is
-sent each text with the eos token written out, which its tokenizer reads as that one token. The report gives
-texts/s, p50/p99 latency, failed requests by status, the ratios to vLLM, and each server's tokens computed per token
-scored (from its ``/metrics``: the service's own counters; vLLM's prompt tokens less its prefix-cache hits).
+sent each text with the eos token written out, which its tokenizer reads as that one token.
+
+Every window sends the same texts from the first group on, so after the first window both servers may find prompts
+in their caches; ``--fresh-prompts`` (with enough ``--groups``) starts each window further on, so that every prompt
+is new to the server, as in a GRPO step. The report gives texts/s, p50/p99 latency, failed requests by status, the
+ratios to vLLM, and each server's tokens computed per token scored (from its ``/metrics``: the service's own
+counters; vLLM's prompt tokens less its prefix-cache hits).
 """
 
 from __future__ import annotations
@@ -60,6 +65,14 @@ def payloads(groups: list[list[str]], pattern: str, api: str, eos: str, max_leng
             body = {"items": [{"text": t} for t in chunk], "normalize": False}
         out.append(loadgen.Payload(json.dumps(body).encode(), len(chunk), 0))
     return out
+
+
+def rotated(groups: list[list[str]], window: int, windows: int) -> list[list[str]]:
+    """The groups in the order window ``window`` of ``windows`` sends them: starting ``window`` strides of
+    ``len(groups) // windows`` in, so that a window meets prompts no earlier one sent (as long as it does not get
+    through a whole stride)."""
+    start = window * (len(groups) // windows)
+    return groups[start:] + groups[:start]
 
 
 def run_one(server: Server, route: str, bodies, clients: int, warmup_s: float, duration_s: float, timeout: float):
@@ -109,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, help="where the random model is written (default: checkpoints/)")
     p.add_argument("--groups", type=int, default=64, help="prompts, 8 texts each")
     p.add_argument("--patterns", default="group,text,4x64")
+    p.add_argument(
+        "--fresh-prompts",
+        action="store_true",
+        help="start each load window a stride further into the groups (use many --groups), so that no window "
+        "re-sends prompts an earlier one left in a server's cache",
+    )
     p.add_argument("--servers", default="service,vllm-prefix,vllm-noprefix")
     p.add_argument("--service-args", default="", help="extra reward-serve flags, space-separated")
     p.add_argument("--peer-python", type=Path, default=PEERS_PYTHON)
@@ -148,12 +167,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for server in servers.values():
             server.wait_ready(900)
         runs: list[dict[str, Any]] = []
+        patterns = args.patterns.split(",")
         for repeat in range(args.repeats):
-            for pattern in args.patterns.split(","):
+            for index, pattern in enumerate(patterns):
+                window = repeat * len(patterns) + index
+                window_groups = rotated(groups, window, args.repeats * len(patterns)) if args.fresh_prompts else groups
                 for name in names:
                     api = "service" if name == "service" else "vllm"
                     route = "/score" if api == "service" else "/classify"
-                    bodies = payloads(groups, pattern, api, eos, MAX_LENGTH)
+                    bodies = payloads(window_groups, pattern, api, eos, MAX_LENGTH)
                     clients = PATTERNS[pattern][0]
                     summary = run_one(
                         servers[name], route, bodies, clients, args.warmup_s, args.duration_s, args.timeout_s
@@ -178,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mean_tokens_per_text": statistics.mean(text_tokens),
         "mean_prompt_tokens": statistics.mean(prompt_tokens),
         "service_args": args.service_args,
+        "fresh_prompts": args.fresh_prompts,
         "runs": runs,
     }
     args.output.mkdir(parents=True, exist_ok=True)
@@ -188,9 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    windows = "each load window starting at prompts no earlier window sent" if report.get("fresh_prompts") else ""
     lines = [
         f"Decoder reward model, random weights at {report['shape']}'s shape; {report['texts']} GRPO-shaped texts, "
-        f"mean {report['mean_tokens_per_text']:.0f} tokens, {report['mean_prompt_tokens']:.0f} of them the prompt.",
+        f"mean {report['mean_tokens_per_text']:.0f} tokens, {report['mean_prompt_tokens']:.0f} of them the prompt"
+        f"{'; ' + windows if windows else ''}.",
         cpu_line(report["machine"]),
         "",
         "| repeat | pattern | server | texts/s | p50 ms | p99 ms | failed | tokens computed / scored |",
