@@ -215,16 +215,28 @@ def vllm_argv(
         str(max_model_len),
         "--served-model-name",
         "rm",
-        # On a CPU this is the share of the machine's memory vLLM reserves (a KV cache an encoder does not use);
-        # its default, 0.92, refuses to start next to anything else that holds memory.
         "--gpu-memory-utilization",
-        "0.15",
+        f"{vllm_memory_share(checkpoint):.2f}",
         "--host",
         "127.0.0.1",
         "--port",
         str(free_port()),
         *extra,
     ]
+
+
+def vllm_memory_share(checkpoint: Path, kv_cache_bytes: int = 1 << 30) -> float:
+    """On a CPU, ``--gpu-memory-utilization`` is the share of the first NUMA node's memory vLLM reserves for the
+    model, its activations and the KV cache. Its default, 0.92, refuses to start next to anything else that holds
+    memory; a fixed small share leaves a larger model no KV cache. Twice the weights plus ``kv_cache_bytes``, at
+    least 0.15."""
+    import psutil
+
+    weights = sum(f.stat().st_size for f in Path(checkpoint).glob("*.safetensors"))
+    node = Path("/sys/devices/system/node/node0/meminfo")
+    match = re.search(r"MemTotal:\s+(\d+) kB", node.read_text()) if node.exists() else None
+    memory = int(match.group(1)) * 1024 if match else psutil.virtual_memory().total
+    return min(0.9, max(0.15, (2 * weights + kv_cache_bytes) / memory))
 
 
 def vllm_env() -> dict[str, str]:

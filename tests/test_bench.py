@@ -137,6 +137,21 @@ def test_vllm_requests_carry_the_service_texts_with_its_truncation():
     assert [(p.texts, p.tokens) for p in payloads] == [(2, 7), (2, 5)]
 
 
+def test_vllm_reserves_room_for_a_larger_models_weights_and_kv_cache(tmp_path):
+    import psutil
+
+    from bench.servers import vllm_memory_share
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    for folder, size in ((small, 90 << 20), (large, psutil.virtual_memory().total // 4)):
+        folder.mkdir()
+        with (folder / "model.safetensors").open("wb") as f:  # sparse: the size is what counts
+            f.truncate(size)
+    assert vllm_memory_share(small) == 0.15  # the share every encoder figure was measured with
+    share = vllm_memory_share(large)
+    assert 0.15 < share <= 0.9  # a fixed 0.15 left a 0.5B-parameter float32 model no room for its KV cache
+
+
 def test_each_interleaved_service_run_is_compared_with_the_vllm_run_beside_it():
     from bench.compare import ratios
     from bench.report import peer_table
