@@ -129,6 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "re-sends prompts an earlier one left in a server's cache",
     )
     p.add_argument("--servers", default="service,vllm-prefix,vllm-noprefix")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="both servers' dtype (bfloat16 pays only on a CPU with bfloat16 instructions)",
+    )
     p.add_argument("--service-args", default="", help="extra reward-serve flags, space-separated")
     p.add_argument("--peer-python", type=Path, default=PEERS_PYTHON)
     p.add_argument("--repeats", type=int, default=2)
@@ -158,10 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name in names:  # started together, then waited for: vLLM takes minutes to start on a small CPU
             if name == "service":
-                servers[name] = Server(name, service_argv(checkpoint, "float32", args.service_args.split()))
+                servers[name] = Server(name, service_argv(checkpoint, args.dtype, args.service_args.split()))
             else:
                 cache = "--enable-prefix-caching" if name == "vllm-prefix" else "--no-enable-prefix-caching"
-                argv_ = vllm_argv(checkpoint, "float32", MAX_LENGTH + 8, python=args.peer_python, extra=[cache])
+                argv_ = vllm_argv(checkpoint, args.dtype, MAX_LENGTH + 8, python=args.peer_python, extra=[cache])
                 servers[name] = Server(name, argv_, env=vllm_env(), ready_path="/health")
             servers[name].launch()
         for server in servers.values():
@@ -200,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mean_tokens_per_text": statistics.mean(text_tokens),
         "mean_prompt_tokens": statistics.mean(prompt_tokens),
         "service_args": args.service_args,
+        "dtype": args.dtype,
         "fresh_prompts": args.fresh_prompts,
         "runs": runs,
     }
@@ -213,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def markdown(report: dict[str, Any]) -> str:
     windows = "each load window starting at prompts no earlier window sent" if report.get("fresh_prompts") else ""
     lines = [
-        f"Decoder reward model, random weights at {report['shape']}'s shape; {report['texts']} GRPO-shaped texts, "
+        f"Decoder reward model, random weights at {report['shape']}'s shape, {report.get('dtype', 'float32')}; "
+        f"{report['texts']} GRPO-shaped texts, "
         f"mean {report['mean_tokens_per_text']:.0f} tokens, {report['mean_prompt_tokens']:.0f} of them the prompt"
         f"{'; ' + windows if windows else ''}.",
         cpu_line(report["machine"]),
