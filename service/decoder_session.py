@@ -25,7 +25,8 @@ from service.shared_forward import PrefixSharingForward
 
 logger = logging.getLogger("reward.backend")
 
-# Tokens packed into one session run (OnnxSteps): 192, 256 and 384 measured alike on SmolLM2-135M shapes, one thread.
+# Tokens packed into one ONNX Runtime call (OnnxSteps): 192, 256 and 384 measured alike on SmolLM2-135M shapes, one
+# thread.
 PACK_TOKENS = 256
 
 
@@ -41,10 +42,10 @@ class OnnxSteps:
     Nothing is padded (on a CPU, padding costs more than a call): a group's completions are packed one after
     another into a single row, each attending to the prefix and to its own tokens only (:func:`packed_inputs`),
     in runs of up to ``pack_tokens`` tokens, the first of them also computing the prefix when it is not cached.
-    Every session run reads all the weights, so a few long runs beat one short run per completion; a row's attention
-    over its neighbours' tokens (masked, but computed) grows with the square of its length, so rows stay a few
-    hundred tokens long. Texts that share nothing run alone. Keys and values are numpy arrays (layers, 1, kv heads,
-    tokens, size)."""
+    Every ONNX Runtime call reads all the weights, so a few long calls beat one short call per completion; a row's
+    attention over its neighbours' tokens (masked, but computed) grows with the square of its length, so rows stay a
+    few hundred tokens long. Texts that share nothing run alone. Keys and values are numpy arrays (layers, 1, kv
+    heads, tokens, size)."""
 
     pads_batches = False
 
@@ -61,7 +62,7 @@ class OnnxSteps:
         return contextlib.nullcontext()
 
     def run(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], past: tuple[Any, Any] | None) -> tuple:
-        """One session run of ``prefix`` then ``suffixes`` packed, after ``past``: the reward at the end of each
+        """One ONNX Runtime call of ``prefix`` then ``suffixes`` packed, after ``past``: the reward at the end of each
         suffix (of the prefix when there is none) and the keys and values of the prefix, past included."""
         import numpy as np
 

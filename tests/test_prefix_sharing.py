@@ -180,7 +180,7 @@ def test_a_cached_prompt_extended_by_a_longer_shared_prefix(checkpoint, sharing)
 
 @pytest.mark.parametrize("pack_tokens", [1, 24, 256])
 def test_onnx_packs_a_groups_completions_into_few_runs(checkpoint, pack_tokens):
-    """The ONNX path runs the prompt and as many completions as fit in ``pack_tokens`` in one session run, each
+    """The ONNX path runs the prompt and as many completions as fit in ``pack_tokens`` in one ONNX Runtime call, each
     completion read at its own last token, whatever the bins."""
     pytest.importorskip("onnxruntime")
     from service import decoder_session
