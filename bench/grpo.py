@@ -212,18 +212,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "grpo.json").write_text(json.dumps(report, indent=1))
-    (args.output / "grpo.md").write_text(markdown(report))
-    print(markdown(report))
+    text = markdown(report)
+    (args.output / "grpo.md").write_text(text)
+    print(text)
     return 0
 
 
 def markdown(report: dict[str, Any]) -> str:
-    windows = "each load window starting at prompts no earlier window sent" if report.get("fresh_prompts") else ""
+    windows = "; each load window starting at prompts no earlier window sent" if report["fresh_prompts"] else ""
     lines = [
-        f"Decoder reward model, random weights at {report['shape']}'s shape, {report.get('dtype', 'float32')}; "
+        f"Decoder reward model, random weights at {report['shape']}'s shape, {report['dtype']}; "
         f"{report['texts']} GRPO-shaped texts, "
         f"mean {report['mean_tokens_per_text']:.0f} tokens, {report['mean_prompt_tokens']:.0f} of them the prompt"
-        f"{'; ' + windows if windows else ''}.",
+        f"{windows}.",
         cpu_line(report["machine"]),
         "",
         "| repeat | pattern | server | texts/s | p50 ms | p99 ms | failed | tokens computed / scored |",
